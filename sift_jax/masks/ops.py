@@ -1,0 +1,146 @@
+"""Pure functions on parameter pytrees: initial masks, masking and statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sift_jax.masks import topk, tree_paths
+
+__all__ = ["target_count", "init_masks", "apply_masks", "mask_stats",
+           "check_masks", "check_densities", "conform"]
+
+
+def target_count(density: float, size: int) -> int:
+  """Number of active weights of a tensor: ``round(density * size)``.
+
+  Rounding is half-up (``floor(density * size + 0.5)``), clipped to
+  ``[1, size]`` for any density > 0 so that a tiny layer never ends up with no
+  connection at all, and exactly ``size`` for density 1.
+  """
+  if density >= 1.0:
+    return int(size)
+  n = int(math.floor(float(density) * size + 0.5))
+  return int(min(max(n, 1 if density > 0 else 0), size))
+
+
+def _paths_and_leaves(tree: Any) -> tuple[list[str], list[Any]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [tree_paths.path_str(kp) for kp, _ in flat], [leaf for _, leaf in flat]
+
+
+def conform(params: Any, other: Any, name: str) -> Any:
+  """Returns ``other``'s leaves arranged in ``params``' tree structure.
+
+  Accepts a plain-dict ``other`` for a ``FrozenDict`` / ``nnx.State`` params
+  (and vice versa) as long as the leaf paths agree.
+
+  Raises:
+    ValueError: naming the first missing or unexpected parameter path.
+  """
+  p_paths, _ = _paths_and_leaves(params)
+  o_paths, o_leaves = _paths_and_leaves(other)
+  if p_paths != o_paths:
+    missing = [p for p in p_paths if p not in set(o_paths)]
+    extra = [p for p in o_paths if p not in set(p_paths)]
+    detail = []
+    if missing:
+      detail.append(f"missing for parameter path(s) {missing[:5]}")
+    if extra:
+      detail.append(f"has unexpected path(s) {extra[:5]}")
+    if not detail:
+      detail.append("has the same paths in a different order")
+    raise ValueError(f"{name} tree does not match the params: it " + "; ".join(detail))
+  return jax.tree.unflatten(jax.tree.structure(params), o_leaves)
+
+
+def check_densities(params: Any, densities: Any) -> Any:
+  """Validates a density tree against ``params`` and returns it conformed."""
+  densities = conform(params, densities, "densities")
+  for path, d in zip(*_paths_and_leaves(densities)):
+    try:
+      value = float(d)
+    except (TypeError, ValueError):
+      raise ValueError(f"density for parameter {path!r} must be a Python float, got {d!r}") from None
+    if not (0.0 < value <= 1.0):
+      raise ValueError(f"density for parameter {path!r} must be in (0, 1], got {d!r}")
+  return densities
+
+
+def check_masks(params: Any, masks: Any) -> Any:
+  """Validates a mask tree (structure, shapes, bool dtype) and returns it conformed."""
+  masks = conform(params, masks, "masks")
+  for path, p, m in zip(_paths_and_leaves(params)[0], jax.tree.leaves(params), jax.tree.leaves(masks)):
+    if tuple(np.shape(m)) != tuple(np.shape(p)):
+      raise ValueError(f"mask for parameter {path!r} has shape {tuple(np.shape(m))}, "
+                       f"expected {tuple(np.shape(p))}")
+    if jnp.dtype(m.dtype) != jnp.bool_:
+      raise ValueError(f"mask for parameter {path!r} has dtype {m.dtype}, expected bool")
+  return masks
+
+
+def init_masks(key: jax.Array, params: Any, densities: Any) -> Any:
+  """Draws random masks with an exact number of ones per leaf.
+
+  Leaf ``l`` gets exactly :func:`target_count` ``(densities[l], size)`` ones at
+  uniformly random positions (RigL's exact-count rule, SPEC section 4).
+  Leaves with density 1.0 get all-ones masks. Jittable; ``params`` may hold
+  ``jax.ShapeDtypeStruct`` leaves.
+
+  Args:
+    key: A JAX PRNG key.
+    params: Parameter pytree (only shapes are used).
+    densities: Pytree of Python floats with the structure of ``params``, e.g.
+      from :func:`sift_jax.layer_densities`.
+
+  Returns:
+    A bool pytree with the structure of ``params``.
+  """
+  densities = check_densities(params, densities)
+  leaves = jax.tree.leaves(params)
+  dens = jax.tree.leaves(densities)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  out = []
+  for i, (leaf, d) in enumerate(zip(leaves, dens)):
+    shape = tuple(np.shape(leaf))
+    size = int(np.prod(shape)) if shape else 1
+    n = target_count(float(d), size)
+    if n >= size:
+      out.append(jnp.ones(shape, jnp.bool_))
+      continue
+    k_score, k_tie = jax.random.split(keys[i])
+    scores = jax.random.bits(k_score, shape, jnp.uint32) >> 1
+    seed = jax.random.bits(k_tie, (), jnp.uint32)
+    out.append(topk.select_top_k(scores.astype(jnp.int32), n, seed))
+  return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def apply_masks(params: Any, masks: Any) -> Any:
+  """Returns ``params`` with masked-out entries set to exactly zero."""
+  masks = conform(params, masks, "masks")
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
+
+
+def mask_stats(masks: Any) -> dict[str, Any]:
+  """Nonzero counts and densities of a mask tree, per leaf and in total.
+
+  Returns:
+    ``{"per_leaf": {path: {"nnz", "size", "density"}}, "nnz", "size",
+    "density"}``; counts are int32 arrays (jittable), sizes Python ints.
+  """
+  paths, leaves = _paths_and_leaves(masks)
+  per_leaf = {}
+  total_nnz = jnp.zeros((), jnp.int32)
+  total_size = 0
+  for path, m in zip(paths, leaves):
+    nnz = jnp.sum(jnp.asarray(m), dtype=jnp.int32)
+    size = int(np.prod(np.shape(m))) if np.shape(m) else 1
+    per_leaf[path] = {"nnz": nnz, "size": size, "density": nnz / size}
+    total_nnz = total_nnz + nnz
+    total_size += size
+  return {"per_leaf": per_leaf, "nnz": total_nnz, "size": total_size,
+          "density": total_nnz / max(total_size, 1)}

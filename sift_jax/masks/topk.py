@@ -1,0 +1,103 @@
+"""Exact top-k selection that stays sharded: radix search over integer keys.
+
+RigL needs, per tensor, the ``k`` positions with the largest score. A sort or
+``lax.top_k`` on a tensor sharded across devices makes XLA gather the whole
+tensor on every device. Instead we find the k-th largest key bit by bit from
+the most significant bit (a bisection over the key's bit pattern): every probe
+is ``sum(keys >= candidate)``, which partitions into local counts plus one
+scalar all-reduce, so no parameter-sized array ever crosses devices.
+
+Scores are non-negative float32 values whose IEEE bit patterns, read as int32,
+are ordered like the floats themselves. Ties (frequent for bf16 weights or
+exact zeros) are broken by a second radix search over a seeded bijective hash
+of the flat index, so ties are broken pseudo-randomly, never by index, and the
+selected count is exactly ``k``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+__all__ = ["float_keys", "flat_index_hash", "select_top_k"]
+
+EXCLUDED = -1  # key of positions that must not be selected
+
+
+def float_keys(scores: jax.Array, candidates: jax.Array | None = None) -> jax.Array:
+  """Maps non-negative scores to order-preserving int32 keys (-1: excluded).
+
+  Scores are taken as ``|scores|`` in float32 whatever their dtype, so that
+  bf16 parameters are compared exactly; NaN scores rank lowest.
+  """
+  x = jnp.abs(scores.astype(jnp.float32))
+  x = jnp.where(jnp.isnan(x), 0.0, x)
+  keys = lax.bitcast_convert_type(x, jnp.int32)
+  if candidates is not None:
+    keys = jnp.where(candidates, keys, EXCLUDED)
+  return keys
+
+
+def _fmix32(x: jax.Array) -> jax.Array:
+  # MurmurHash3's finaliser: a bijection on uint32 with good avalanche.
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def flat_index_hash(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
+  """Returns a uint32 array of ``shape``: a seeded bijective hash of the flat index.
+
+  Built from per-dimension iotas (no reshape of a flat range), so under SPMD
+  every device computes just its own shard. Distinct positions always get
+  distinct values, which is what makes the top-k count exact.
+  """
+  size = int(np.prod(shape)) if shape else 1
+  if size >= 2**32:
+    raise ValueError(f"tensor of shape {shape} is too large for 32-bit tie-breaking")
+  seed = jnp.asarray(seed, jnp.uint32)
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    idx = idx + lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride)
+    stride *= shape[dim]
+  return _fmix32(_fmix32(idx ^ seed) + (seed * jnp.uint32(0x9E3779B9) + jnp.uint32(1)))
+
+
+def _radix_threshold(keys: jax.Array, k: jax.Array, nbits: int, dtype) -> jax.Array:
+  """Largest t (bit-built from the top) with ``count(keys >= t) >= k``."""
+
+  def body(b, prefix):
+    cand = prefix | (jnp.asarray(1, dtype) << (nbits - 1 - b).astype(dtype))
+    enough = jnp.sum(keys >= cand, dtype=jnp.int32) >= k
+    return jnp.where(enough, cand, prefix)
+
+  return lax.fori_loop(0, nbits, body, jnp.zeros((), dtype))
+
+
+def select_top_k(keys: jax.Array, k: jax.Array, seed: jax.Array) -> jax.Array:
+  """Boolean mask of exactly ``min(k, #candidates)`` positions with the largest keys.
+
+  Args:
+    keys: int32 keys, ``>= 0`` for candidates and ``-1`` for excluded positions
+      (see :func:`float_keys`).
+    k: Number of positions to select (traced int32 scalar allowed).
+    seed: uint32 seed of the tie-breaking hash.
+
+  Returns:
+    A bool array of ``keys.shape``.
+  """
+  k = jnp.minimum(jnp.asarray(k, jnp.int32), jnp.sum(keys >= 0, dtype=jnp.int32))
+  threshold = _radix_threshold(keys, k, 31, jnp.int32)
+  above = keys > threshold
+  ties = keys == threshold
+  remaining = k - jnp.sum(above, dtype=jnp.int32)
+  hashes = jnp.where(ties, flat_index_hash(keys.shape, seed), jnp.uint32(0))
+  # Among ties, take the `remaining` largest hashes (all distinct, so exact).
+  hash_threshold = _radix_threshold(jnp.where(ties, hashes, jnp.uint32(0)), remaining, 32, jnp.uint32)
+  chosen_ties = ties & (hashes >= hash_threshold) & (remaining > 0)
+  return (above | chosen_ties) & (k > 0)
