@@ -5,7 +5,8 @@ the layer's ``D_in`` unrolled inputs (``k_h * k_w * C_in`` for a convolution), t
 right nodes its ``D_out`` outputs, and an edge joins input ``i`` and output ``j``
 where the mask is 1 (with weight ``|w_ij|`` for the weighted metric). With the
 biadjacency matrix ``M`` (``D_in x D_out``) the adjacency matrix is
-``A = [[0, M], [M^T, 0]]``, whose eigenvalues are ``+-sigma_i(M)`` (plus zeros).
+``A = [[0, M], [M^T, 0]]`` (SPEC's ``[[0, M^T], [M, 0]]`` with ``M`` transposed: the
+same graph), whose eigenvalues are ``+-sigma_i(M)`` plus ``|D_in - D_out|`` zeros.
 
 Metrics (Hoang et al., ICLR 2023; Hoang et al., NeurIPS 2023):
 
@@ -79,8 +80,9 @@ _SOLVERS = ("auto", "dense", "sparse")
 # reference code of Hoang et al., ICLR 2023).
 _MIN_GROUP_SIZE = 3
 # `auto` uses a dense SVD when its cost ~ rows * cols * min(rows, cols) is below this
-# (a 512 x 4608 layer is ~1.2e9 and takes ~0.15 s); ARPACK above it.
-_DENSE_WORK_LIMIT = 2.0**31
+# (~0.05 s); ARPACK above it (a 4608 x 512 layer, ~1.2e9, takes ~0.1 s with ARPACK
+# and ~0.4 s with a dense SVD).
+_DENSE_WORK_LIMIT = 2.0**28
 # Lanczos basis size for ARPACK; larger than the default 2k+1 so that clustered or
 # repeated top singular values (disconnected graphs) converge reliably.
 _ARPACK_NCV = 20
@@ -113,10 +115,10 @@ def _biadjacency(array: np.ndarray, layout: str) -> np.ndarray:
 
 
 def _top_two_singular_values(matrix: np.ndarray, solver: str) -> tuple[float, float]:
-  """Returns ``(sigma_1, sigma_2)`` of a 2-D float64 matrix (missing ones are 0).
+  """Returns ``(sigma_1, sigma_2)`` of a 2-D bool or float matrix, in float64.
 
-  Missing singular values are 0 because the adjacency matrix then has that many
-  more zero eigenvalues.
+  Missing singular values (``min(matrix.shape) < 2``) are 0: the adjacency matrix
+  then has that many more zero eigenvalues.
   """
   rows, cols = matrix.shape
   min_dim = min(rows, cols)
@@ -129,16 +131,17 @@ def _top_two_singular_values(matrix: np.ndarray, solver: str) -> tuple[float, fl
     v0 = np.random.default_rng(_ARPACK_SEED).standard_normal(min_dim)
     try:
       values = scipy.sparse.linalg.svds(
-          scipy.sparse.csr_array(matrix),
+          # Sparse first, then float64: no dense float64 copy of a large layer.
+          scipy.sparse.csr_array(matrix).astype(np.float64),
           k=2,
           ncv=min(_ARPACK_NCV, min_dim - 1),
           v0=v0,
           return_singular_vectors=False,
       )
     except scipy.sparse.linalg.ArpackNoConvergence:
-      values = np.linalg.svd(matrix, compute_uv=False)
+      values = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
   else:
-    values = np.linalg.svd(matrix, compute_uv=False)
+    values = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
   values = np.sort(np.clip(values, 0.0, None))[::-1]
   values = np.concatenate([values, np.zeros(2)])
   return float(values[0]), float(values[1])
@@ -172,7 +175,7 @@ def _iterative_mean_gap(
     right_degree = count * degree / group.shape[1]
     if degree < min_degree or right_degree < min_degree:
       continue
-    _, sigma_2 = _top_two_singular_values(group.astype(np.float64), solver)
+    _, sigma_2 = _top_two_singular_values(group, solver)
     gaps.append(_ramanujan_bound(float(degree), right_degree) - sigma_2)
   if not gaps:
     return math.nan, 0
@@ -304,7 +307,7 @@ def layer_metrics(
     )
     return metrics
 
-  mu_0, mu_hat = _top_two_singular_values(adjacency.astype(np.float64), solver)
+  mu_0, mu_hat = _top_two_singular_values(adjacency, solver)
   bound = _ramanujan_bound(left_degree, right_degree)
   mean_gap, num_groups = _iterative_mean_gap(
       adjacency, min_degree=min_degree, solver=solver
@@ -318,8 +321,10 @@ def layer_metrics(
       num_regular_groups=num_groups,
   )
   if weights is not None:
-    weighted = np.abs(_biadjacency(weights, layout).astype(np.float64))
-    weighted = np.where(_biadjacency(mask, layout), weighted, 0.0)
+    if weights.dtype not in (np.float32, np.float64):  # bfloat16, ints, ...
+      weights = weights.astype(np.float64)
+    weighted = np.abs(_biadjacency(weights, layout))
+    weighted = np.where(_biadjacency(mask, layout), weighted, 0)
     weighted = weighted[keep_left][:, keep_right]
     w_mu_0, w_mu_hat = _top_two_singular_values(weighted, solver)
     metrics.update(

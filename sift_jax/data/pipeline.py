@@ -139,6 +139,13 @@ class ArraySource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {k: v[index] for k, v in self._arrays.items()}
 
+  def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    # Batched read used by grain's SourceMapDataset: one fancy-indexing
+    # gather per array instead of a metrics-recording call per element.
+    idx = np.asarray(indices, dtype=np.int64)
+    gathered = {k: v[idx] for k, v in self._arrays.items()}
+    return [{k: v[i] for k, v in gathered.items()} for i in range(len(idx))]
+
   def __repr__(self) -> str:
     shapes = {k: v.shape for k, v in self._arrays.items()}
     return f"ArraySource({shapes})"

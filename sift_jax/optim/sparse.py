@@ -153,7 +153,13 @@ def _sparse_transformation(
 
     masked_grads = jax.tree.unflatten(
         treedef, [jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(g_leaves, m_leaves)])
-    inner_updates, inner_state = inner.update(masked_grads, state.inner_state, params, **extra_args)
+    # The inner optimizer sees masked params too, so parameter-dependent terms
+    # (weight decay) never leak into the moments of inactive weights, even
+    # before the first update has zeroed them.
+    masked_params = jax.tree.unflatten(
+        treedef, [jnp.where(m, p, jnp.zeros_like(p)) for p, m in zip(p_leaves, m_leaves)])
+    inner_updates, inner_state = inner.update(masked_grads, state.inner_state, masked_params,
+                                              **extra_args)
     u_leaves = treedef.flatten_up_to(inner_updates)
 
     def zero_inactive(u, p, m):

@@ -1,0 +1,98 @@
+r"""Command-line training: one run from an ml_collections config file.
+
+Usage::
+
+  python -m sift_jax.train --config experiments/configs/NAME.py --workdir DIR \
+      [--config.KEY=VALUE ...]
+
+The config is locked: overriding a key it does not have is an error. A workdir
+that holds a checkpoint of the same run is resumed; one that holds another
+run's checkpoint is refused. Multi-host (TPU pods, or CPU processes with
+``--coordinator_address``): every process runs the same command; see
+``--jax_distributed``.
+
+Exit status: 0 when training completed or was preempted (SIGTERM; a checkpoint
+was saved), 1 on a training error (non-finite loss, incompatible checkpoint,
+dataset not prepared, bad config value), 2 on a bad command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (a Python file with get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary).")
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False,
+    "Call jax.distributed.initialize() (arguments auto-detected on TPU pods, SLURM...).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for jax.distributed.initialize.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+    "cpu_collectives", None, "jax_cpu_collectives_implementation for multi-process CPU runs (gloo).")
+
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing; unknown or mistyped config overrides become one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip("'\"").replace("\\n", " ").replace("'\\'", "'")
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: bad config override among {bad}: {type(e).__name__}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _maybe_initialize_distributed() -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  if _CPU_COLLECTIVES.value:
+    jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
+  if _COORDINATOR.value is not None:
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _JAX_DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  logging.getLogger("sift_jax").setLevel(logging.INFO)
+  _maybe_initialize_distributed()
+  # pylint: disable=import-outside-toplevel
+  from sift_jax.training import checkpointing, loop
+  try:
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError,
+          checkpointing.IncompatibleCheckpointError) as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+  if summary["preempted"]:
+    print(f"preempted at step {summary['steps']}; checkpoint saved in {summary['workdir']}")
+    return 0
+  keys = ("final_eval_accuracy", "best_eval_accuracy", "final_eval_loss", "final_eval_perplexity",
+          "train_flops", "dense_train_flops", "steps", "wall_seconds")
+  print(" ".join(f"{k}={summary[k]:.6g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
+                 for k in keys if k in summary))
+  return 0
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,247 @@
+"""The training configuration: every key, its default, and validation.
+
+Experiment files (``experiments/configs/*.py``) start from
+:func:`default_config` and change values; they never add keys. The CLI locks
+the config, so ``--config.KEY=VALUE`` with an unknown ``KEY`` is an error, and
+:func:`validate_config` rejects unknown keys and bad values in configs built
+in Python (a sweep's overrides, a test's config) with a ``ValueError`` naming
+the key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+__all__ = ["default_config", "validate_config", "apply_overrides", "flatten_config",
+           "OPTIMIZERS", "SCHEDULES", "SPARSE_METHODS", "COMPUTE_DTYPES", "FAMILIES"]
+
+OPTIMIZERS = ("sgd", "nesterov", "adamw")
+SCHEDULES = ("constant", "step", "multistep", "cosine")
+SPARSE_METHODS = ("none", "static", "set", "rigl")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Sections whose keys depend on the model / dataset: free-form.
+_FREE_SECTIONS = ("model.kwargs", "dataset.options")
+FAMILIES = ("dense", "sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys of a training run with their defaults (a CPU-sized MNIST-1D MLP).
+
+  Keys:
+    seed: Seed of parameter init, initial masks, data order and dropout.
+    dataset.name / train_split / eval_split: passed to
+      :func:`sift_jax.data.make_dataset`.
+    dataset.data_dir: Where prepared datasets live ('' = the data module's
+      default).
+    dataset.options: Dataset options (``seq_len``, ``num_samples``...).
+    model.name / family / sparsity: passed to :func:`sift_jax.models.get_model`
+      (``family`` is the Sparse-IFT member, ``sparsity`` its ``s``).
+    model.kwargs: Extra keyword arguments of the model (width, depth...).
+    sparse.method: ``rigl``, ``set``, ``static`` or ``none`` (dense training;
+      forced for ``model.sparsity == 0``).
+    sparse.*: RigL / SET options (SPEC section 4), see :func:`sift_jax.rigl`.
+    optimizer.name: ``sgd``, ``nesterov`` (SGD with Nesterov momentum) or
+      ``adamw``.
+    optimizer.weight_decay_exclude: Regex; parameters whose path matches get
+      no weight decay ('' = decay all, as the paper's CIFAR recipe).
+    optimizer.grad_clip_norm: Global-norm clipping (0 = off).
+    schedule.name: ``constant``, ``step`` (x ``decay_factor`` every
+      ``step_epochs``), ``multistep`` (x ``decay_factor`` at each of
+      ``boundaries_epochs``) or ``cosine`` (to ``end_value`` after an optional
+      linear warmup of ``warmup_epochs``).
+    training.num_epochs / num_steps: Training length; ``num_steps > 0`` wins.
+    training.batch_size: Global batch size of one optimizer step.
+    training.grad_accum_steps: Micro-batches per step (``lax.scan``).
+    training.compute_dtype: ``float32`` or ``bfloat16`` (parameters stay f32).
+    training.label_smoothing: Label smoothing of the cross-entropy.
+    training.log/eval/checkpoint_every_steps: Intervals (0 = only at the end).
+    training.keep_checkpoints: How many checkpoints to keep.
+    training.progress_bar: Show a tqdm progress bar on process 0.
+    mesh.data / mesh.model: Mesh axis sizes (``-1``: all remaining devices).
+      A single process with more devices than ``data * model`` uses its first
+      ``data * model`` devices; multi-host meshes must cover every device.
+    mesh.rules: ``((regex, partition spec tuple), ...)`` for parameters.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "mnist1d"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.data_dir = ""
+  c.dataset.options = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mlp_mnist1d"
+  c.model.family = "dense"
+  c.model.sparsity = 0.0
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  c.sparse = ml_collections.ConfigDict()
+  c.sparse.method = "rigl"
+  c.sparse.distribution = "uniform"
+  c.sparse.update_every = 100
+  c.sparse.start_step = 0
+  c.sparse.end_fraction = 0.75
+  c.sparse.drop_fraction = 0.3
+  c.sparse.drop_schedule = "cosine"
+  c.sparse.optimizer_step_on_update = False
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.weight_decay_exclude = ""
+  c.optimizer.grad_clip_norm = 0.0
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.end_value = 0.0
+  c.schedule.decay_factor = 0.2
+  c.schedule.step_epochs = 30.0
+  c.schedule.boundaries_epochs = (60.0, 120.0, 160.0)
+
+  c.training = ml_collections.ConfigDict()
+  c.training.num_epochs = 1.0
+  c.training.num_steps = 0
+  c.training.batch_size = 128
+  c.training.eval_batch_size = 256
+  c.training.grad_accum_steps = 1
+  c.training.compute_dtype = "float32"
+  c.training.label_smoothing = 0.0
+  c.training.log_every_steps = 100
+  c.training.eval_every_steps = 0
+  c.training.checkpoint_every_steps = 0
+  c.training.keep_checkpoints = 3
+  c.training.progress_bar = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.model = 1
+  c.mesh.rules = ()
+  return c
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"a.b.c": value}`` of a (nested) ConfigDict or mapping.
+
+  ``model.kwargs`` and ``dataset.options`` are kept as one entry each (their
+  keys depend on the model / dataset).
+  """
+  out = {}
+  items = config.items() if hasattr(config, "items") else []
+  for key, value in items:
+    name = f"{prefix}{key}"
+    if name not in _FREE_SECTIONS and isinstance(value, (ml_collections.ConfigDict, Mapping)):
+      out.update(flatten_config(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with ``{"dotted.key": value}`` overrides applied.
+
+  Raises:
+    ValueError: for a key ``config`` does not have (with the known keys of
+      that section), or a value of the wrong type.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for depth, part in enumerate(parents):
+      if part not in node:
+        raise ValueError(f"unknown config key {dotted!r}: no section {'.'.join(parents[:depth + 1])!r}")
+      node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parents)!r} is not a section")
+    if leaf not in node and ".".join(parents) not in _FREE_SECTIONS:
+      raise ValueError(f"unknown config key {dotted!r}; known keys of "
+                       f"{'.'.join(parents) or 'the config'}: {sorted(node.keys())}")
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"bad value {value!r} for config key {dotted!r}: {e}") from None
+  return config
+
+
+def _check(ok: bool, key: str, value: Any, what: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{key}={value!r}: {what}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects unknown keys, missing keys and out-of-range values.
+
+  Raises:
+    ValueError: naming the offending key and value.
+  """
+  known = flatten_config(default_config())
+  given = flatten_config(config)
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {unknown}; see "
+                     "sift_jax.training.default_config() for the known keys")
+  missing = sorted(set(known) - set(given))
+  if missing:
+    raise ValueError(f"config is missing key(s) {missing}; start configs from "
+                     "sift_jax.training.default_config()")
+  c = config
+  _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "must be an int >= 0")
+  _check(c.model.family in FAMILIES, "model.family", c.model.family, f"must be one of {FAMILIES}")
+  _check(0.0 <= float(c.model.sparsity) < 1.0, "model.sparsity", c.model.sparsity, "must be in [0, 1)")
+  _check(c.model.family == "dense" or c.model.sparsity > 0, "model.family", c.model.family,
+         "a Sparse-IFT member needs model.sparsity > 0")
+  _check(c.sparse.method in SPARSE_METHODS, "sparse.method", c.sparse.method,
+         f"must be one of {SPARSE_METHODS}")
+  _check(c.optimizer.name in OPTIMIZERS, "optimizer.name", c.optimizer.name,
+         f"must be one of {OPTIMIZERS}")
+  _check(float(c.optimizer.learning_rate) > 0, "optimizer.learning_rate", c.optimizer.learning_rate,
+         "must be > 0")
+  _check(float(c.optimizer.weight_decay) >= 0, "optimizer.weight_decay", c.optimizer.weight_decay,
+         "must be >= 0")
+  _check(float(c.optimizer.grad_clip_norm) >= 0, "optimizer.grad_clip_norm",
+         c.optimizer.grad_clip_norm, "must be >= 0")
+  _check(c.schedule.name in SCHEDULES, "schedule.name", c.schedule.name, f"must be one of {SCHEDULES}")
+  _check(float(c.schedule.warmup_epochs) >= 0, "schedule.warmup_epochs", c.schedule.warmup_epochs,
+         "must be >= 0")
+  _check(0 < float(c.schedule.decay_factor) <= 1, "schedule.decay_factor", c.schedule.decay_factor,
+         "must be in (0, 1]")
+  _check(float(c.schedule.step_epochs) > 0, "schedule.step_epochs", c.schedule.step_epochs, "must be > 0")
+  b = list(c.schedule.boundaries_epochs)
+  _check(all(float(x) > 0 for x in b) and b == sorted(b), "schedule.boundaries_epochs", tuple(b),
+         "must be increasing positive epochs")
+  t = c.training
+  _check(isinstance(t.num_steps, int) and t.num_steps >= 0, "training.num_steps", t.num_steps,
+         "must be an int >= 0")
+  _check(t.num_steps > 0 or (math.isfinite(float(t.num_epochs)) and float(t.num_epochs) > 0),
+         "training.num_epochs", t.num_epochs, "must be > 0 when training.num_steps is 0")
+  for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "keep_checkpoints"):
+    value = t[key]
+    _check(isinstance(value, int) and value >= 1, f"training.{key}", value, "must be an int >= 1")
+  _check(t.batch_size % t.grad_accum_steps == 0, "training.batch_size", t.batch_size,
+         f"must be divisible by training.grad_accum_steps={t.grad_accum_steps}")
+  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    _check(isinstance(t[key], int) and t[key] >= 0, f"training.{key}", t[key], "must be an int >= 0")
+  _check(t.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype", t.compute_dtype,
+         f"must be one of {COMPUTE_DTYPES}")
+  _check(0.0 <= float(t.label_smoothing) < 1.0, "training.label_smoothing", t.label_smoothing,
+         "must be in [0, 1)")
+  _check(isinstance(c.mesh.data, int) and (c.mesh.data == -1 or c.mesh.data >= 1), "mesh.data",
+         c.mesh.data, "must be -1 or an int >= 1")
+  _check(isinstance(c.mesh.model, int) and c.mesh.model >= 1, "mesh.model", c.mesh.model,
+         "must be an int >= 1")
+  for rule in c.mesh.rules:
+    _check(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str),
+           "mesh.rules", rule, "each rule must be a (regex, partition spec) pair")

@@ -1,0 +1,555 @@
+"""``train_and_evaluate``: the training loop of a run.
+
+A run is a config and a workdir. The loop builds a ``("data", "model")`` mesh,
+the datasets, the model and the optimizer, compiles ONE train step (mask
+updates included) and one eval step with explicit NamedShardings, restores the
+latest checkpoint of the workdir if there is one, and trains:
+
+* parameters, masks and optimizer state are sharded by the path-regex rules
+  of ``config.mesh.rules`` (see :mod:`sift_jax.sharding`), batches over
+  ``data``; with several processes (``jax.distributed.initialize``) each
+  process reads its part of every global batch and the global arrays are
+  assembled with ``jax.make_array_from_process_local_data``;
+* every ``checkpoint_every_steps`` a checkpoint holds the state, the data
+  iterator's position and the loop's bookkeeping, so a resumed run is
+  bitwise equal to an uninterrupted one on CPU;
+* SIGTERM (preemption) makes the loop save at the next step boundary and
+  return cleanly;
+* a non-finite loss stops the run with :class:`NonFiniteLossError` naming the
+  step; the state after it is never saved;
+* metrics go to ``metrics.jsonl`` and TensorBoard, the outcome to
+  ``summary.json``.
+
+Compiled functions are cached per process by the run's structure (everything
+in the config but the seed), so the runs of a sweep that differ only in the
+seed compile once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from sift_jax import sharding as sharding_lib
+from sift_jax.optim import sparse as sparse_lib
+from sift_jax.training import checkpointing
+from sift_jax.training import config as config_lib
+from sift_jax.training import metrics as metrics_lib
+from sift_jax.training import optimizers
+from sift_jax.training import state as state_lib
+from sift_jax.training import step as step_lib
+
+__all__ = ["train_and_evaluate", "evaluate", "NonFiniteLossError", "RunFunctions", "build_run",
+           "clear_compilation_cache"]
+
+_log = logging.getLogger("sift_jax")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite.
+
+  Attributes:
+    step: 0-based index of the training step whose loss was not finite.
+    last_checkpoint: The newest checkpoint step kept in the workdir (or None).
+  """
+
+  def __init__(self, message: str, *, step: int, last_checkpoint: Optional[int]):
+    super().__init__(message)
+    self.step = step
+    self.last_checkpoint = last_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFunctions:
+  """What a run compiles, shared by runs of the same structure.
+
+  Attributes:
+    spec: The model's ``ModelSpec``.
+    mesh: The device mesh.
+    init: Jitted ``init(seed: int32) -> TrainState`` (sharded output).
+    train_step: Jitted ``(state, batch) -> (state, metrics)``; donates the state.
+    eval_step: Jitted ``(state, batch) -> sums``.
+    abstract_state: ``jax.ShapeDtypeStruct`` tree of the state with shardings.
+    state_shardings: NamedSharding tree of the state.
+    batch_sharding: NamedSharding of batches (leading axis over ``data``).
+    schedule: The learning-rate schedule.
+    total_steps: Training length.
+    steps_per_epoch: Optimizer steps per epoch.
+  """
+
+  spec: Any
+  mesh: jax.sharding.Mesh
+  init: Any
+  train_step: Any
+  eval_step: Any
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  schedule: Any
+  total_steps: int
+  steps_per_epoch: int
+
+
+_CACHE: "collections.OrderedDict[str, RunFunctions]" = collections.OrderedDict()
+_CACHE_SIZE = 4
+
+
+def clear_compilation_cache() -> None:
+  """Forgets the compiled functions kept for runs of the same structure."""
+  _CACHE.clear()
+
+
+def _structure_key(config: ml_collections.ConfigDict, mesh, train_info, total_steps: int,
+                   steps_per_epoch: int) -> str:
+  flat = config_lib.flatten_config(config)
+  flat.pop("seed")
+  for key in ("training.log_every_steps", "training.eval_every_steps",
+              "training.checkpoint_every_steps", "training.keep_checkpoints", "training.progress_bar"):
+    flat.pop(key)
+  flat["model.kwargs"] = dict(flat["model.kwargs"])
+  flat["dataset.options"] = dict(flat["dataset.options"])
+  flat["_mesh"] = [list(mesh.shape.items()), [d.id for d in mesh.devices.flat]]
+  flat["_data"] = [list(train_info.input_shape), str(train_info.input_dtype), train_info.num_classes,
+                   train_info.vocab_size, train_info.task]
+  flat["_steps"] = [total_steps, steps_per_epoch]
+  return json.dumps(flat, sort_keys=True, default=repr)
+
+
+def _default_get_model(name: str, **kwargs) -> Any:
+  from sift_jax import models  # pylint: disable=import-outside-toplevel
+  return models.get_model(name, **kwargs)
+
+
+def _model_kwargs(config: ml_collections.ConfigDict, train_info) -> dict[str, Any]:
+  kwargs = dict(config.model.kwargs)
+  if train_info.task == "lm":
+    kwargs.setdefault("vocab_size", train_info.vocab_size)
+  else:
+    kwargs.setdefault("num_classes", train_info.num_classes)
+  return dict(family=config.model.family, sparsity=float(config.model.sparsity), **kwargs)
+
+
+def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, train_info,
+              total_steps: int, steps_per_epoch: int,
+              get_model: Optional[Callable[..., Any]] = None) -> RunFunctions:
+  """Model, optimizer, shardings and compiled steps of a run (cached by structure).
+
+  Args:
+    config: A validated training config.
+    mesh: Device mesh with axes ``("data", "model")``.
+    train_info: ``DatasetInfo`` of the training split.
+    total_steps: Training length (RigL's end step, the schedule).
+    steps_per_epoch: Optimizer steps per epoch.
+    get_model: ``get_model(name, family=, sparsity=, num_classes= | vocab_size=,
+      **model.kwargs) -> ModelSpec`` (default :func:`sift_jax.models.get_model`).
+
+  Returns:
+    :class:`RunFunctions`.
+  """
+  key = _structure_key(config, mesh, train_info, total_steps, steps_per_epoch)
+  if get_model is None and key in _CACHE:
+    _CACHE.move_to_end(key)
+    return _CACHE[key]
+
+  spec = (get_model or _default_get_model)(config.model.name, **_model_kwargs(config, train_info))
+  if tuple(spec.input_shape) != tuple(train_info.input_shape):
+    raise ValueError(f"model {config.model.name!r} expects inputs of shape {tuple(spec.input_shape)}, "
+                     f"dataset {config.dataset.name!r} gives {tuple(train_info.input_shape)}")
+  solved = getattr(spec, "solved_sparsity", None)
+  sparsity = float(config.model.sparsity) if solved is None else float(solved)
+
+  def make_tx(seed):
+    return optimizers.make_optimizer(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                                     policy=spec.policy, sparsity=sparsity, seed=seed)[0]
+
+  # The update of the optimizer does not depend on its seed: build it once.
+  tx, schedule = optimizers.make_optimizer(config, total_steps=total_steps,
+                                           steps_per_epoch=steps_per_epoch, policy=spec.policy,
+                                           sparsity=sparsity, seed=0)
+  init_fn = state_lib.make_init_fn(spec.module, make_tx, input_shape=tuple(spec.input_shape),
+                                   input_dtype=spec.input_dtype)
+  abstract = jax.eval_shape(init_fn, jnp.int32(0))
+  repl = sharding_lib.replicated(mesh)
+  rules = tuple((pat, P(*spec_axes)) for pat, spec_axes in config.mesh.rules)
+  p_shardings = sharding_lib.param_shardings(abstract.params, mesh, rules, log=False)
+  state_shardings = state_lib.TrainState(
+      step=repl,
+      params=p_shardings,
+      model_state=jax.tree.map(lambda _: repl, abstract.model_state),
+      opt_state=sharding_lib.shardings_like_params(abstract.opt_state, abstract.params, p_shardings,
+                                                   repl),
+      rng=repl)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, state_shardings)
+  batch_sharding = NamedSharding(mesh, P("data"))
+  compute_dtype = jnp.bfloat16 if config.training.compute_dtype == "bfloat16" else jnp.float32
+  input_key = "image" if train_info.task == "classification" else "inputs"
+  target_key = "label" if train_info.task == "classification" else "targets"
+  train_step = step_lib.make_train_step(
+      spec.module, tx, input_key=input_key, target_key=target_key, learning_rate_fn=schedule,
+      label_smoothing=float(config.training.label_smoothing), compute_dtype=compute_dtype,
+      grad_accum_steps=int(config.training.grad_accum_steps), micro_batch_sharding=batch_sharding)
+  eval_step = step_lib.make_eval_step(spec.module, input_key=input_key, target_key=target_key,
+                                      compute_dtype=compute_dtype)
+  funcs = RunFunctions(
+      spec=spec, mesh=mesh,
+      init=jax.jit(init_fn, out_shardings=state_shardings),
+      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, repl), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=repl),
+      abstract_state=abstract_state, state_shardings=state_shardings, batch_sharding=batch_sharding,
+      schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  if get_model is None:
+    _CACHE[key] = funcs
+    while len(_CACHE) > _CACHE_SIZE:
+      _CACHE.popitem(last=False)
+  return funcs
+
+
+def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The run's mesh; a single process may use only its first ``data * model`` devices."""
+  data, model = int(config.mesh.data), int(config.mesh.model)
+  devices = jax.devices()
+  if data != -1 and jax.process_count() == 1 and data * model < len(devices):
+    devices = devices[:data * model]
+  return sharding_lib.make_mesh(data, model, devices=devices)
+
+
+def _global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, global_size: int) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v),
+                                                    (global_size, *np.shape(v)[1:]))
+          for k, v in local.items()}
+
+
+def _dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  kwargs = dict(config.dataset.options)
+  if config.dataset.data_dir:
+    kwargs["data_dir"] = config.dataset.data_dir
+  return kwargs
+
+
+def _make_datasets_module():
+  from sift_jax import data  # pylint: disable=import-outside-toplevel
+  return data
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and stops at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+    _log.warning("sift_jax: SIGTERM received; saving a checkpoint at the next step boundary")
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def evaluate(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Loss and accuracy (and perplexity for language models) on the eval split.
+
+  Every example of the split counts once: the last, partial batch is padded
+  to the fixed batch shape with zero-weight examples.
+  """
+  data = _make_datasets_module()
+  bs = int(config.training.eval_batch_size)
+  it = data.make_dataset(config.dataset.name, split=config.dataset.eval_split, batch_size=bs, seed=0,
+                         shuffle=False, num_epochs=1, drop_remainder=False, **_dataset_kwargs(config))
+  local_bs = it.local_batch_size
+  sums = []
+  with it:
+    for local in it:
+      n = len(next(iter(local.values())))
+      padded = {k: np.concatenate([v, np.zeros((local_bs - n, *v.shape[1:]), v.dtype)])
+                for k, v in local.items()}
+      padded["weight"] = (np.arange(local_bs) < n).astype(np.float32)
+      sums.append(funcs.eval_step(state, _global_batch(padded, funcs.batch_sharding, bs)))
+  sums = jax.device_get(sums)
+  total = {k: float(sum(np.float64(s[k]) for s in sums)) for k in ("loss_sum", "correct_sum", "count")}
+  if total["count"] == 0:
+    raise ValueError(f"eval split {config.dataset.eval_split!r} of {config.dataset.name!r} is empty")
+  loss = total["loss_sum"] / total["count"]
+  out = {"loss": loss, "accuracy": total["correct_sum"] / total["count"], "count": total["count"]}
+  if it.info.task == "lm":
+    out["perplexity"] = math.exp(min(loss, 700.0))
+  return out
+
+
+def _mask_densities(masks: Any) -> Any:
+  """Per-leaf ``nnz / size`` as Python floats (works for sharded, multi-host masks)."""
+  counts = jax.jit(lambda ms: jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), ms))(masks)
+  return jax.tree.map(lambda c, m: int(c) / int(np.prod(m.shape)), jax.device_get(counts), masks)
+
+
+def _flops_report(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Training FLOPs of the run and of the untransformed dense baseline (SPEC section 5).
+
+  FLOPs = 2 x MACs; forward costs are per example from
+  :func:`sift_jax.flops.model_report` with the run's final masks. The run's
+  cost follows its sparse method (RigL's dense-gradient steps included); the
+  baseline is the untransformed model trained dense for the same steps and
+  batch size.
+  """
+  from sift_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
+  masks = _masks_or_none(state.opt_state)
+  densities = None if masks is None else _mask_densities(masks)
+  report = flops_lib.model_report(funcs.spec, densities=densities)
+  method = config.sparse.method if masks is not None else "dense"
+  common = dict(total_steps=funcs.total_steps, batch_size=int(config.training.batch_size))
+  run = flops_lib.training_flops(2.0 * report.sparse_macs, 2.0 * report.dense_macs, method=method,
+                                 update_every=int(config.sparse.update_every),
+                                 end_fraction=float(config.sparse.end_fraction), **common)
+  base_macs = report.base_dense_macs if report.base_dense_macs else report.dense_macs
+  dense = flops_lib.training_flops(2.0 * base_macs, 2.0 * base_macs, method="dense", **common)
+  return {"train_flops": run.total, "dense_train_flops": dense.total,
+          "train_flops_ratio": run.total / dense.total,
+          "sparse_macs": report.sparse_macs, "dense_macs": report.dense_macs,
+          "base_dense_macs": base_macs, "forward_flops_ratio": report.sparse_macs / base_macs,
+          "params": report.params, "nonzero_params": report.nonzero_params,
+          "nominal_sparsity": float(config.model.sparsity),
+          "solved_sparsity": report.solved_sparsity, "sparse_method": method}
+
+
+def _masks_or_none(opt_state: Any) -> Any:
+  try:
+    return sparse_lib.get_masks(opt_state)
+  except ValueError:
+    return None
+
+
+def _run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {"model": config.model.name, "family": config.model.family,
+          "sparsity": float(config.model.sparsity), "sparse_method":
+          config.sparse.method if optimizers.is_sparse_run(config) else "none",
+          "optimizer": config.optimizer.name, "dataset": config.dataset.name}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       hooks: Sequence[Callable[[int, Any], None]] = (),
+                       get_model: Optional[Callable[..., Any]] = None) -> dict[str, Any]:
+  """Trains and evaluates one run; resumes from ``workdir`` if it holds a checkpoint.
+
+  Args:
+    config: A config from :func:`sift_jax.training.default_config` (validated
+      here).
+    workdir: Run directory: ``checkpoints/``, ``metrics.jsonl``,
+      ``tensorboard/`` and ``summary.json``.
+    hooks: Called as ``hook(step, state)`` after each step (``step`` = steps
+      done); for tests and custom monitoring.
+    get_model: Model factory (default :func:`sift_jax.models.get_model`).
+
+  Returns:
+    The summary dict (also written to ``workdir/summary.json`` when training
+    completed); ``"preempted": True`` if SIGTERM stopped it early.
+
+  Raises:
+    ValueError: for a bad config (unknown key, batch size not divisible by
+      the data-parallel size...).
+    FileNotFoundError: a dataset that is not prepared.
+    IncompatibleCheckpointError: ``workdir`` holds another run's checkpoint.
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is
+      kept).
+  """
+  t_start = time.time()
+  config_lib.validate_config(config)
+  workdir = os.path.abspath(os.fspath(workdir))
+  mesh = _make_mesh(config)
+  t = config.training
+  dp = mesh.shape["data"]
+  if t.batch_size % (dp * t.grad_accum_steps):
+    raise ValueError(
+        f"config.training.batch_size={t.batch_size} is not divisible by the data-parallel size "
+        f"{dp}" + (f" x grad_accum_steps {t.grad_accum_steps}" if t.grad_accum_steps > 1 else ""))
+  if t.eval_batch_size % dp:
+    raise ValueError(f"config.training.eval_batch_size={t.eval_batch_size} is not divisible by the "
+                     f"data-parallel size {dp}")
+
+  data = _make_datasets_module()
+  train_iter = data.make_dataset(config.dataset.name, split=config.dataset.train_split,
+                                 batch_size=int(t.batch_size), seed=int(config.seed),
+                                 **_dataset_kwargs(config))
+  info = train_iter.info
+  # Fails early (e.g. a dataset that is not prepared) before any training.
+  data.get_dataset_info(config.dataset.name, split=config.dataset.eval_split, **_dataset_kwargs(config))
+  steps_per_epoch = max(1, info.batches_per_epoch(int(t.batch_size)))
+  total_steps = int(t.num_steps) if t.num_steps > 0 else max(
+      1, int(math.ceil(float(t.num_epochs) * steps_per_epoch)))
+
+  funcs = build_run(config, mesh=mesh, train_info=info, total_steps=total_steps,
+                    steps_per_epoch=steps_per_epoch, get_model=get_model)
+  is_main = jax.process_index() == 0
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=int(t.keep_checkpoints), run_fingerprint=_run_fingerprint(config))
+  loop_state = {"best_eval_accuracy": None, "best_eval_loss": None, "wall_seconds": 0.0}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, saved, start_step = ckpt.restore(funcs.abstract_state, latest)
+    try:
+      train_iter.set_state(saved["train_iterator"])
+    except ValueError as e:
+      raise checkpointing.IncompatibleCheckpointError(
+          f"{ckpt.directory} step {start_step}: the saved data-iterator state does not fit this run's "
+          f"data configuration ({e}); use another --workdir") from e
+    loop_state.update(saved.get("loop", {}))
+    _log.info("sift_jax: resumed %s at step %d", workdir, start_step)
+  else:
+    state = funcs.init(np.int32(config.seed))
+    start_step = 0
+  if int(jax.device_get(state.step)) != start_step:
+    raise checkpointing.IncompatibleCheckpointError(
+        f"{ckpt.directory}: checkpoint directory step {start_step} holds state.step "
+        f"{int(jax.device_get(state.step))}")
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  progress = None
+  if t.progress_bar and is_main:
+    import tqdm  # pylint: disable=import-outside-toplevel
+    progress = tqdm.tqdm(total=total_steps, initial=start_step, desc=os.path.basename(workdir),
+                         dynamic_ncols=True, leave=False)
+  pending: list[tuple[int, dict]] = []
+  last_saved = latest
+  last_eval: Optional[dict] = None
+  preempted = False
+  window_start = time.time()
+  wall_before = float(loop_state["wall_seconds"])
+
+  def flush(step: int) -> None:
+    """Writes the averaged train metrics since the last flush; checks the loss."""
+    nonlocal window_start
+    if not pending:
+      return
+    values = jax.device_get([m for _, m in pending])
+    for (s, _), v in zip(pending, values):
+      loss = float(v["loss"])
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"non-finite training loss {loss} at step {s}; stopped. The state after it was not saved; "
+            f"the last good checkpoint in {ckpt.directory} is step {last_saved}",
+            step=s, last_checkpoint=last_saved)
+    mean = {k: float(np.mean([v[k] for v in values])) for k in values[-1]}
+    elapsed = time.time() - window_start
+    mean["steps_per_second"] = len(values) / max(elapsed, 1e-9)
+    writer.write(step, "train", mean)
+    if progress is not None:
+      progress.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
+    pending.clear()
+    window_start = time.time()
+
+  def do_eval(step: int) -> dict:
+    result = evaluate(funcs, state, config)
+    writer.write(step, "eval", result)
+    best = loop_state["best_eval_accuracy"]
+    loop_state["best_eval_accuracy"] = result["accuracy"] if best is None else max(best, result["accuracy"])
+    best_loss = loop_state["best_eval_loss"]
+    loop_state["best_eval_loss"] = result["loss"] if best_loss is None else min(best_loss, result["loss"])
+    return result
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    loop_state["wall_seconds"] = wall_before + (time.time() - t_start)
+    ckpt.save(step, state, {"train_iterator": train_iter.get_state(), "loop": dict(loop_state)})
+    last_saved = step
+
+  try:
+    with _Preemption() as preemption:
+      step = start_step
+      while step < total_steps:
+        local = next(train_iter)
+        batch = _global_batch(local, funcs.batch_sharding, int(t.batch_size))
+        state, metrics = funcs.train_step(state, batch)
+        pending.append((step, metrics))
+        step += 1
+        for hook in hooks:
+          hook(step, state)
+        if progress is not None:
+          progress.update(1)
+        stop = preemption.requested
+        if jax.process_count() > 1:
+          stop = stop or ckpt.reached_preemption(step)
+        boundary = lambda every: every > 0 and step % every == 0  # noqa: E731
+        if boundary(t.log_every_steps) or stop:
+          flush(step)
+          if jax.process_count() > 1 and not stop:
+            stop = _any_process(preemption.requested)
+        if boundary(t.eval_every_steps) and step < total_steps:
+          flush(step)
+          last_eval = do_eval(step)
+        if (boundary(t.checkpoint_every_steps) and step < total_steps) or stop:
+          flush(step)
+          save(step)
+        if stop and step < total_steps:
+          preempted = True
+          break
+      if not preempted:
+        flush(step)
+        last_eval = do_eval(step)
+        if last_saved != step:
+          save(step)
+  finally:
+    train_iter.close()
+    ckpt.close()
+    writer.flush()
+    if progress is not None:
+      progress.close()
+
+  wall = wall_before + (time.time() - t_start)
+  summary: dict[str, Any] = {"steps": int(step), "total_steps": total_steps, "preempted": preempted,
+                             "wall_seconds": wall, "workdir": workdir}
+  if not preempted:
+    summary["final_eval_loss"] = last_eval["loss"]
+    summary["best_eval_loss"] = loop_state["best_eval_loss"]
+    if info.task == "lm":
+      summary["final_eval_perplexity"] = last_eval["perplexity"]
+      summary["best_eval_perplexity"] = math.exp(min(loop_state["best_eval_loss"], 700.0))
+    # Top-1 accuracy; per token for language models.
+    summary["final_eval_accuracy"] = last_eval["accuracy"]
+    summary["best_eval_accuracy"] = loop_state["best_eval_accuracy"]
+    summary.update(_flops_report(funcs, state, config))
+    summary["config"] = config.to_dict()
+    if is_main:
+      tmp = os.path.join(workdir, "summary.json.tmp")
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True, default=_json_default)
+      os.replace(tmp, os.path.join(workdir, "summary.json"))
+    writer.write(step, "summary", {k: v for k, v in summary.items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+  writer.close()
+  return summary
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, (np.integer, np.floating)):
+    return value.item()
+  if isinstance(value, tuple):
+    return list(value)
+  return repr(value)
+
+
+def _any_process(flag: bool) -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+  return bool(np.any(flags))

@@ -1,0 +1,180 @@
+"""Optimizer, learning-rate schedule, weight-decay mask and sparse wrapper from a config.
+
+The inner optimizer follows the paper's recipes (SPEC section 6): SGD with
+(Nesterov) momentum and coupled L2 weight decay (PyTorch's ``weight_decay``,
+added to the gradient before momentum), or AdamW with decoupled decay. The
+sparse wrapper (:func:`sift_jax.rigl`, :func:`sift_jax.set_sparse`,
+:func:`sift_jax.static_sparse`) goes outermost, so the inner optimizer only
+ever sees masked gradients and inactive weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+import optax
+
+from sift_jax.masks import selection, tree_paths
+from sift_jax.optim import sparse as sparse_lib
+
+__all__ = ["make_schedule", "weight_decay_mask", "make_inner_optimizer", "make_optimizer",
+           "is_sparse_run"]
+
+
+def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  return int(round(float(epochs) * steps_per_epoch))
+
+
+def make_schedule(config: ml_collections.ConfigDict, *, total_steps: int,
+                  steps_per_epoch: int) -> optax.Schedule:
+  """The learning-rate schedule of ``config.schedule`` in optimizer steps.
+
+  Epoch-valued options are converted with ``steps_per_epoch``.
+
+  Args:
+    config: A full training config (:func:`sift_jax.training.default_config`).
+    total_steps: Training length in optimizer steps.
+    steps_per_epoch: Optimizer steps per pass over the training split.
+
+  Returns:
+    An ``optax.Schedule``.
+
+  Raises:
+    ValueError: for an unknown schedule name or a warmup not shorter than
+      training.
+  """
+  lr = float(config.optimizer.learning_rate)
+  sched = config.schedule
+  if total_steps < 1 or steps_per_epoch < 1:
+    raise ValueError(f"total_steps={total_steps} and steps_per_epoch={steps_per_epoch} must be >= 1")
+  if sched.name == "constant":
+    return optax.constant_schedule(lr)
+  if sched.name == "step":
+    every = max(1, _epochs_to_steps(sched.step_epochs, steps_per_epoch))
+    return optax.exponential_decay(lr, transition_steps=every, decay_rate=float(sched.decay_factor),
+                                   staircase=True)
+  if sched.name == "multistep":
+    boundaries = {_epochs_to_steps(e, steps_per_epoch): float(sched.decay_factor)
+                  for e in sched.boundaries_epochs}
+    return optax.piecewise_constant_schedule(lr, boundaries)
+  if sched.name == "cosine":
+    warmup = _epochs_to_steps(sched.warmup_epochs, steps_per_epoch)
+    if warmup >= total_steps:
+      raise ValueError(f"config.schedule.warmup_epochs={sched.warmup_epochs} gives {warmup} warmup "
+                       f"steps, not fewer than the {total_steps} training steps")
+    if warmup == 0:
+      return optax.cosine_decay_schedule(lr, decay_steps=total_steps,
+                                         alpha=float(sched.end_value) / lr)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=warmup, decay_steps=total_steps,
+                                              end_value=float(sched.end_value))
+  raise ValueError(f"config.schedule.name={sched.name!r} is not a known schedule")
+
+
+def weight_decay_mask(exclude: str) -> Optional[Callable[[Any], Any]]:
+  """A mask function for optax: True where weight decay applies.
+
+  Args:
+    exclude: Regex ``re.search``-ed on each "/"-joined parameter path; matching
+      parameters get no decay (e.g. ``r"(bias|scale)$"`` for norms and biases,
+      the paper's ImageNet recipe). ``""`` decays everything.
+
+  Returns:
+    ``None`` (decay all) or a function ``params -> bool tree``.
+
+  Raises:
+    ValueError: for an invalid regex.
+  """
+  if not exclude:
+    return None
+  try:
+    regex = re.compile(exclude)
+  except re.error as e:
+    raise ValueError(f"config.optimizer.weight_decay_exclude={exclude!r} is not a valid regex: {e}") from None
+  return lambda params: tree_paths.map_with_path_str(lambda path, _: regex.search(path) is None, params)
+
+
+def make_inner_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
+                         ) -> optax.GradientTransformation:
+  """The dense optimizer of ``config.optimizer`` (no sparsity).
+
+  ``sgd`` and ``nesterov`` add ``weight_decay * p`` to the gradient before
+  momentum (coupled L2, as the paper's PyTorch recipes); ``adamw`` decays
+  decoupled from the adaptive step.
+  """
+  opt = config.optimizer
+  mask = weight_decay_mask(opt.weight_decay_exclude)
+  parts = []
+  if float(opt.grad_clip_norm) > 0:
+    parts.append(optax.clip_by_global_norm(float(opt.grad_clip_norm)))
+  if opt.name in ("sgd", "nesterov"):
+    if float(opt.weight_decay) > 0:
+      parts.append(optax.add_decayed_weights(float(opt.weight_decay), mask=mask))
+    momentum = float(opt.momentum)
+    parts.append(optax.sgd(schedule, momentum=momentum if momentum > 0 else None,
+                           nesterov=opt.name == "nesterov"))
+  elif opt.name == "adamw":
+    parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
+                             weight_decay=float(opt.weight_decay), mask=mask))
+  else:
+    raise ValueError(f"config.optimizer.name={opt.name!r} is not a known optimizer")
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
+def is_sparse_run(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config`` trains with masks (``sparse.method`` set and ``s > 0``)."""
+  return config.sparse.method != "none" and float(config.model.sparsity) > 0
+
+
+def make_optimizer(config: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
+                   policy: Optional[selection.SparsityPolicy] = None,
+                   sparsity: Optional[float] = None,
+                   seed: Any = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The full optimizer of a run: inner optimizer, wrapped for sparse training.
+
+  Args:
+    config: A full training config.
+    total_steps: Training length in optimizer steps (RigL's ``end_step`` is
+      ``config.sparse.end_fraction * total_steps``).
+    steps_per_epoch: For epoch-valued schedule options.
+    policy: Which leaves are sparse (the model's ``ModelSpec.policy``).
+    sparsity: The sparsity the masks get (``ModelSpec.solved_sparsity``, which
+      may differ slightly from the nominal ``config.model.sparsity`` for
+      Sparse Wide); defaults to ``config.model.sparsity``.
+    seed: int or PRNG key of the initial masks and RigL's tie-breaking. It
+      only affects ``init``: the ``update`` of two optimizers that differ only
+      in ``seed`` is the same function.
+
+  Returns:
+    ``(optimizer, learning_rate_schedule)``.
+  """
+  schedule = make_schedule(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  inner = make_inner_optimizer(config, schedule)
+  if not is_sparse_run(config):
+    return inner, schedule
+  sp = config.sparse
+  s = float(config.model.sparsity if sparsity is None else sparsity)
+  common = dict(sparsity=s, policy=policy, distribution=sp.distribution, seed=seed)
+  if sp.method == "static":
+    return sparse_lib.static_sparse(inner, **common), schedule
+  dynamic = dict(total_steps=total_steps, update_every=int(sp.update_every),
+                 start_step=int(sp.start_step), end_fraction=float(sp.end_fraction),
+                 drop_fraction=float(sp.drop_fraction), drop_schedule=sp.drop_schedule,
+                 optimizer_step_on_update=bool(sp.optimizer_step_on_update))
+  factory = sparse_lib.rigl if sp.method == "rigl" else sparse_lib.set_sparse
+  return factory(inner, **common, **dynamic), schedule
+
+
+def tree_has_sparse_state(opt_state: Any) -> bool:
+  """Whether ``opt_state`` carries masks."""
+  try:
+    sparse_lib.get_sparse_state(opt_state)
+  except ValueError:
+    return False
+  return True
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,22 @@
+"""Sparse Iso-FLOP Transformations: size rules, Linen layers, drop-in transform, iso-FLOP solve."""
+
+from sift_jax.transformations.family import FamilyConfig
+from sift_jax.transformations.isoflop import (ISO_FLOP_TOLERANCE, SOLVE_METHODS, IsoFlopSolution,
+                                              reference_bisection, solve_sparsity)
+from sift_jax.transformations.layers import (BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM,
+                                             FACTORIZED_MIDS, NORMS, SparseDoped, SparseFactorized,
+                                             SparseParallel, layer_kind, template_dims, widen)
+from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, check_round_to,
+                                            layer_dims, round_to_multiple, sparse_doped_rank,
+                                            sparse_factorized_rank, sparse_parallel_branches,
+                                            sparse_wide_factor, sparse_wide_width)
+from sift_jax.transformations.transform import TransformedModel, transform, transformed_policy
+
+__all__ = [
+    "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "FACTORIZED_MIDS", "FAMILIES", "FamilyConfig",
+    "ISO_FLOP_TOLERANCE", "IsoFlopSolution", "MEMBERS", "NORMS", "SOLVE_METHODS", "SparseDoped",
+    "SparseFactorized", "SparseParallel", "TransformedModel", "check_family", "check_round_to",
+    "layer_dims", "layer_kind", "reference_bisection", "round_to_multiple", "solve_sparsity",
+    "sparse_doped_rank", "sparse_factorized_rank", "sparse_parallel_branches", "sparse_wide_factor",
+    "sparse_wide_width", "template_dims", "transform", "transformed_policy", "widen",
+]

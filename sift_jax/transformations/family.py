@@ -1,0 +1,104 @@
+"""One hashable description of a Sparse-IFT transformation and the layers it builds."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+
+from sift_jax.masks.densities import check_sparsity
+from sift_jax.transformations import layers as layers_lib
+from sift_jax.transformations import sizes
+
+__all__ = ["FamilyConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyConfig:
+  """Which Sparse-IFT member to apply, at which sparsity, with which rules.
+
+  Attributes:
+    family: One of :data:`sift_jax.transformations.sizes.FAMILIES`.
+    sparsity: Nominal sparsity ``s`` in [0, 1) that sizes the member.
+    reference: Reproduce the authors' PyTorch code where it differs from the
+      paper (rank rounding, Sparse Wide widths, Parallel branch norms; see the
+      README's table).
+    round_to: Widths and ranks are rounded to a multiple of this (paper rule;
+      128 suits TPUs).
+    factorized_mid: ``"linear"``, ``"norm"`` or ``"norm_relu"`` between U and V.
+    norm: ``"batch"`` or ``"layer"``: the norm kind used inside the members
+      (Factorized ``mid``, Parallel ``branch_norm``).
+    parallel_norm: Give every Parallel branch its own norm (reference).
+    parallel_activation: Optional activation inside every Parallel branch
+      (the reference ImageNet ResNets use ReLU).
+  """
+
+  family: str = "dense"
+  sparsity: float = 0.0
+  reference: bool = False
+  round_to: int = 1
+  factorized_mid: str = "linear"
+  norm: str = "batch"
+  parallel_norm: bool = False
+  parallel_activation: Optional[Callable[..., Any]] = None
+
+  def __post_init__(self):
+    sizes.check_family(self.family)
+    object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+    object.__setattr__(self, "round_to", sizes.check_round_to(self.round_to))
+    if self.factorized_mid not in layers_lib.FACTORIZED_MIDS:
+      raise ValueError(f"factorized_mid must be one of {layers_lib.FACTORIZED_MIDS}, "
+                       f"got {self.factorized_mid!r}")
+    if self.norm not in layers_lib.NORMS:
+      raise ValueError(f"norm must be one of {layers_lib.NORMS}, got {self.norm!r}")
+
+  @property
+  def is_member(self) -> bool:
+    """True for the four Sparse-IFT members, False for ``"dense"``."""
+    return self.family != "dense"
+
+  def width(self, features: int, *, what: str = "width") -> int:
+    """Output width of a widened layer: Sparse Wide's rule, else ``features``."""
+    if self.family != "sparse_wide":
+      return int(features)
+    return sizes.sparse_wide_width(features, self.sparsity, round_to=self.round_to,
+                                   reference=self.reference, what=what)
+
+  def wrap(self, template: Any, *, use_running_average: Optional[bool] = None,
+           **module_kwargs: Any) -> nn.Module:
+    """Returns the module replacing the dense layer ``template``.
+
+    ``dense`` and ``sparse_wide`` return the template itself (Sparse Wide
+    widths are chosen by the caller with :meth:`width`, because whether a
+    layer's output grows depends on its place in the network). The other
+    members return the corresponding layer of :mod:`.layers` around it.
+
+    Args:
+      template: Unbound ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv``.
+      use_running_average: BatchNorm mode for members with ``norm="batch"``.
+      **module_kwargs: ``name`` and/or ``parent`` of the returned module.
+    """
+    layers_lib.layer_kind(template)
+    if self.family in ("dense", "sparse_wide"):
+      return template.copy(**module_kwargs)
+    if self.family == "sparse_parallel":
+      return layers_lib.SparseParallel(
+          template, sparsity=self.sparsity, reference=self.reference,
+          branch_norm=self.norm if self.parallel_norm else None,
+          branch_activation=self.parallel_activation,
+          use_running_average=use_running_average if self.parallel_norm else None, **module_kwargs)
+    if self.family == "sparse_factorized":
+      return layers_lib.SparseFactorized(
+          template, sparsity=self.sparsity, round_to=self.round_to, reference=self.reference,
+          mid=self.factorized_mid, norm=self.norm,
+          use_running_average=use_running_average if self.factorized_mid != "linear" else None,
+          **module_kwargs)
+    return layers_lib.SparseDoped(template, sparsity=self.sparsity, round_to=self.round_to,
+                                  reference=self.reference, **module_kwargs)
+
+  def layer(self, cls: type, *args: Any, name: str, use_running_average: Optional[bool] = None,
+            **kwargs: Any) -> nn.Module:
+    """Builds ``cls(*args, **kwargs)`` as a template and wraps it (inside ``nn.compact``)."""
+    return self.wrap(cls(*args, parent=None, **kwargs), name=name,
+                     use_running_average=use_running_average)

@@ -1,0 +1,175 @@
+"""Size rules of the Sparse-IFT family: width factors, branch counts and ranks.
+
+Every function here is pure Python on integers and floats, so it can be used to
+plan a model before any array exists. ``D_in x D_out`` is the shape of the
+dense weight a member replaces; for a convolution with kernel ``k_1 x .. x k_n``
+and ``C_in -> C_out`` channels, ``D_in = k_1 * .. * k_n * C_in`` and
+``D_out = C_out`` (SPEC section 2). ``d = 1 - s`` is the density.
+
+Two rule sets exist (SPEC section 2):
+
+* the paper's (default): exact formulas, rounded to the nearest multiple of
+  ``round_to`` (ties up). The whole model's sparsity is re-solved afterwards so
+  that the rounding does not break the iso-FLOP budget
+  (:mod:`sift_jax.transformations.isoflop`);
+* the authors' PyTorch reference (``reference=True``): ``ceil`` for Factorized
+  ranks, ``floor`` for Doped ranks, ``int(w * sqrt(round(1/d)))`` for Sparse
+  Wide widths and ``round(1/d)`` branches, reproduced with the same floating
+  point expressions so that, e.g., the Factorized rank of a 64->64 3x3 conv at
+  ``s = 0.9`` is 577 (``ceil`` of ``576.0000000000001``) as in the reference.
+
+References:
+  Thangarasa et al., "Sparse-IFT: Sparse Iso-FLOP Transformations for
+  Maximizing Training Efficiency", ICML 2024 (arXiv:2303.11525), Section 3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from sift_jax.masks.densities import check_sparsity
+
+__all__ = [
+    "FAMILIES", "MEMBERS", "check_family", "check_round_to", "round_to_multiple", "layer_dims",
+    "sparse_wide_factor", "sparse_wide_width", "sparse_parallel_branches",
+    "sparse_factorized_rank", "sparse_doped_rank",
+]
+
+#: The Sparse-IFT members.
+MEMBERS = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+#: Every accepted ``family`` value: the untransformed model and the four members.
+FAMILIES = ("dense",) + MEMBERS
+
+
+def check_family(family: str) -> str:
+  """Returns ``family`` if it is one of :data:`FAMILIES`, else raises ValueError."""
+  if family not in FAMILIES:
+    raise ValueError(f"unknown Sparse-IFT family {family!r}; expected one of {FAMILIES}")
+  return family
+
+
+def check_round_to(round_to: int) -> int:
+  """Returns ``round_to`` as an int >= 1, else raises ValueError."""
+  if isinstance(round_to, bool) or not isinstance(round_to, (int,)) or round_to < 1:
+    raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
+  return int(round_to)
+
+
+def round_to_multiple(value: float, multiple: int = 1, *, what: str = "size") -> int:
+  """Rounds ``value`` to the nearest multiple of ``multiple`` (ties go up).
+
+  Args:
+    value: The exact (real) size.
+    multiple: The granularity, e.g. 1 or 128 for TPU-friendly widths.
+    what: Name of the quantity, for the error message (e.g. a layer path).
+
+  Returns:
+    A positive integer multiple of ``multiple``.
+
+  Raises:
+    ValueError: if the rounded value is zero or negative.
+  """
+  multiple = check_round_to(multiple)
+  out = multiple * int(math.floor(float(value) / multiple + 0.5))
+  if out <= 0:
+    raise ValueError(
+        f"{what}: the exact size {value:.4g} rounds to {out} with round_to={multiple}; "
+        "choose another sparsity or a smaller round_to")
+  return out
+
+
+def layer_dims(c_in: int, c_out: int, kernel_size: Optional[Sequence[int]] = None) -> tuple[int, int]:
+  """Returns ``(D_in, D_out)`` of a dense layer (no kernel) or a convolution."""
+  if int(c_in) <= 0 or int(c_out) <= 0:
+    raise ValueError(f"layer dimensions must be positive, got c_in={c_in!r}, c_out={c_out!r}")
+  receptive = 1 if kernel_size is None else int(math.prod(int(k) for k in kernel_size))
+  return receptive * int(c_in), int(c_out)
+
+
+def sparse_wide_factor(sparsity: float) -> float:
+  """Sparse Wide width factor ``k_sw = sqrt(1 / (1 - s))`` (paper)."""
+  s = check_sparsity(sparsity)
+  return math.sqrt(1.0 / (1.0 - s))
+
+
+def sparse_wide_width(width: int, sparsity: float, *, round_to: int = 1, reference: bool = False,
+                      what: str = "width") -> int:
+  """Widened width of a layer under Sparse Wide.
+
+  Paper: ``round_to_multiple(width * sqrt(1/d), round_to)``. Reference:
+  ``int(width * sqrt(round(1/d)))`` (the reference applies this to the base
+  width 64 of a ResNet: 90, 128, 202 at s = 0.5, 0.75, 0.9).
+  """
+  s = check_sparsity(sparsity)
+  if int(width) <= 0:
+    raise ValueError(f"{what} must be positive, got {width!r}")
+  if reference:
+    out = int(width * math.sqrt(round(1.0 / (1.0 - s))))
+    if out <= 0:
+      raise ValueError(f"{what}: reference Sparse Wide width of {width} at s={s} is {out}")
+    return out
+  return round_to_multiple(width * sparse_wide_factor(s), round_to, what=what)
+
+
+def sparse_parallel_branches(sparsity: float, *, reference: bool = False) -> int:
+  """Number of Sparse Parallel branches ``n = 1/d``, rounded to an integer >= 1.
+
+  Paper: nearest integer, ties up. Reference: Python ``round(1/(1-s))`` (ties
+  to even). Both give 2, 4, 10 at s = 0.5, 0.75, 0.9.
+  """
+  s = check_sparsity(sparsity)
+  exact = 1.0 / (1.0 - s)
+  n = round(exact) if reference else int(math.floor(exact + 0.5))
+  return max(int(n), 1)
+
+
+def sparse_factorized_rank(c_in: int, c_out: int, sparsity: float, *,
+                           kernel_size: Optional[Sequence[int]] = None, round_to: int = 1,
+                           reference: bool = False, what: str = "rank") -> int:
+  """Rank ``r`` of Sparse Factorized ``W -> U V`` with U and V sparse at ``s``.
+
+  Iso-FLOP condition ``d * r * (D_in + D_out) = D_in * D_out`` gives
+  ``r = D_in*D_out / (d * (D_in + D_out))``. Paper: nearest multiple of
+  ``round_to``; reference: ``ceil``.
+
+  Args:
+    c_in: Input features (or input channels if ``kernel_size`` is given).
+    c_out: Output features / channels.
+    sparsity: ``s`` in [0, 1).
+    kernel_size: Convolution kernel; ``None`` for a dense layer.
+    round_to: Granularity of the paper rule.
+    reference: Use the reference rule.
+    what: Name for error messages.
+  """
+  s = check_sparsity(sparsity)
+  d_in, d_out = layer_dims(c_in, c_out, kernel_size)
+  exact = (d_in * d_out) / ((1.0 - s) * (d_in + d_out))
+  if reference:
+    return max(int(math.ceil(exact)), 1)
+  return round_to_multiple(exact, round_to, what=what)
+
+
+def sparse_doped_rank(c_in: int, c_out: int, sparsity: float, *,
+                      kernel_size: Optional[Sequence[int]] = None, round_to: int = 1,
+                      reference: bool = False, what: str = "rank") -> int:
+  """Rank ``r`` of the dense low-rank part of Sparse Doped ``W -> U V + S``.
+
+  Iso-FLOP condition ``r * (D_in + D_out) + d * D_in * D_out = D_in * D_out``
+  gives ``r = s * D_in*D_out / (D_in + D_out)``. Paper: nearest multiple of
+  ``round_to``; reference: ``floor``.
+
+  Raises:
+    ValueError: if the rank is zero (e.g. ``s = 0``, or a tiny layer with a
+      large ``round_to``), naming ``what``.
+  """
+  s = check_sparsity(sparsity)
+  d_in, d_out = layer_dims(c_in, c_out, kernel_size)
+  exact = (s * (d_in * d_out)) / (d_in + d_out)
+  if reference:
+    r = int(math.floor(exact))
+    if r <= 0:
+      raise ValueError(f"{what}: reference Sparse Doped rank floor({exact:.4g}) is 0 at s={s}; "
+                       "use a higher sparsity")
+    return r
+  return round_to_multiple(exact, round_to, what=what)

@@ -1,0 +1,368 @@
+"""Drop-in Sparse-IFT transformation of any Flax Linen model.
+
+:func:`transform` wraps a user's Linen model, built from ``nn.Dense``,
+``nn.DenseGeneral`` and ``nn.Conv``, in a :class:`TransformedModel` whose
+``init``/``apply`` take the same arguments and return outputs of the same
+shapes, with each selected layer replaced by a Sparse-IFT member. Nothing in
+the user's code changes: the replacement happens through
+``flax.linen.intercept_methods``, which lets the wrapper run its own
+computation in place of a layer's ``__call__``, inside that layer's scope.
+Parameters therefore keep the original layout, one level deeper for the
+replaced layers::
+
+    Dense_0/kernel                 (dense)
+    Dense_0/U/kernel, Dense_0/V/kernel, Dense_0/V/bias      (sparse_factorized)
+    Dense_0/branch_0/kernel, ..., Dense_0/branch_{n-1}/bias (sparse_parallel)
+    Dense_0/S/{kernel,bias}, Dense_0/U/kernel, Dense_0/V/kernel (sparse_doped)
+    Dense_0/kernel with more output columns                 (sparse_wide)
+
+Which layers are transformed:
+
+* ``layers`` (regexes on the layer path, e.g. ``"block/mlp"``) if given;
+* otherwise, for Parallel, Factorized and Doped, every layer whose kernel the
+  user's ``policy`` would make sparse (so a policy that keeps the stem and the
+  classifier dense also keeps them untransformed, SPEC section 3);
+* for Sparse Wide, every layer: each one's output features grow by
+  ``k_sw = sqrt(1/d)`` except the ``output_layers``, and inputs follow
+  because Flax creates kernels from the input shape. Without
+  ``output_layers`` the last layer called is the output layer; a model with
+  residual streams (a transformer block) must name the layers that write into
+  them, else the model's output shape would change (which raises).
+
+Grouped convolutions (depthwise) and ``DenseGeneral`` with ``batch_dims`` are
+left as they are. Norms inside the members are LayerNorms, so the wrapped
+model needs no new variable collection (``batch_stats``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import threading
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sift_jax import flops
+from sift_jax.masks import selection
+from sift_jax.transformations import isoflop
+from sift_jax.transformations import layers as layers_lib
+from sift_jax.transformations.family import FamilyConfig
+
+__all__ = ["transform", "TransformedModel", "transformed_policy"]
+
+
+class _State(threading.local):
+
+  def __init__(self):
+    self.depth = 0  # > 0 while a replacement runs: its own sub-layers are not transformed
+
+
+_STATE = _State()
+
+
+class _ModelRef:
+  """Holds the user's model without letting Flax adopt it as a named submodule."""
+
+  def __init__(self, module: nn.Module):
+    self.module = module
+
+  def __repr__(self) -> str:
+    return f"{type(self.module).__name__}"
+
+
+def transformed_policy(policy: Optional[selection.SparsityPolicy], family: str,
+                       reference: bool = False) -> selection.SparsityPolicy:
+  """The mask policy of a transformed model, from the user's policy of the original.
+
+  The user's rules carry over (they match the new paths as long as they do
+  not anchor the end at the layer name: ``"Dense_2"`` matches
+  ``"Dense_2/U/kernel"``). Sparse Doped keeps ``U`` and ``V`` dense (paper);
+  with ``reference=True`` they are masked too, as in the reference code.
+  """
+  policy = selection.SparsityPolicy() if policy is None else policy
+  if family == "sparse_doped" and not reference:
+    policy = policy.with_dense(r"(^|/)U/kernel$", r"(^|/)V/kernel$")
+  return policy
+
+
+def _kernel_struct(module: Any, x: Any) -> jax.ShapeDtypeStruct:
+  kind = layers_lib.layer_kind(module)
+  feats = tuple(module.features) if isinstance(module.features, (tuple, list)) else (module.features,)
+  if kind == "dense":
+    shape = (x.shape[-1],) + feats
+  elif kind == "dense_general":
+    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    shape = tuple(x.shape[a % x.ndim] for a in axes) + feats
+  else:
+    kernel = tuple(module.kernel_size) if isinstance(module.kernel_size, (tuple, list)) else (module.kernel_size,)
+    shape = kernel + (x.shape[-1],) + feats
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _transformable(module: Any) -> bool:
+  try:
+    layers_lib.layer_kind(module)
+  except ValueError:
+    return False
+  return True
+
+
+def _rel_path(module: nn.Module, root: tuple[str, ...]) -> str:
+  path = tuple(module.scope.path)
+  return "/".join(path[len(root):])
+
+
+class _Interceptor:
+  """Replaces selected layers' ``__call__`` by their Sparse-IFT member."""
+
+  def __init__(self, owner: "TransformedModel", root: tuple[str, ...], output_layers: Sequence[str]):
+    self.owner = owner
+    self.config = owner.config
+    self.root = root
+    self.output_layers = tuple(output_layers)
+    self.seen: list[str] = []
+    self.transformed: list[str] = []
+
+  def _selected(self, path: str, module: Any, x: Any) -> bool:
+    if self.owner.layers is not None:
+      return any(re.search(p, path) for p in self.owner.layers)
+    if self.config.family == "sparse_wide":
+      return True
+    policy = self.owner.policy if self.owner.policy is not None else selection.SparsityPolicy()
+    return policy.decide(f"{path}/kernel", _kernel_struct(module, x)).sparse
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if (_STATE.depth or context.method_name != "__call__" or not _transformable(module)
+        or module.scope is None or not args):
+      return next_fun(*args, **kwargs)
+    path = _rel_path(module, self.root)
+    self.seen.append(path)
+    if self.config.family == "dense" or not self._selected(path, module, args[0]):
+      return next_fun(*args, **kwargs)
+    if self.config.family == "sparse_wide" and any(re.search(p, path) for p in self.output_layers):
+      return next_fun(*args, **kwargs)
+    self.transformed.append(path)
+    template = module.clone(parent=None)
+    if self.config.family == "sparse_wide":
+      feats = module.features
+      width = int(feats[-1] if isinstance(feats, (tuple, list)) else feats)
+      replacement = layers_lib.widen(template, self.config.width(width, what=f"layer {path!r} width"),
+                                     parent=module.scope)
+    else:
+      replacement = self.config.wrap(template, parent=module.scope)
+    _STATE.depth += 1
+    try:
+      return replacement(*args, **kwargs)
+    finally:
+      _STATE.depth -= 1
+
+
+def _split_static(tree: Any) -> tuple[list[Any], Any]:
+  """Splits a pytree into array leaves (traced) and a rebuild function."""
+  leaves, treedef = jax.tree.flatten(tree)
+  is_array = [hasattr(l, "shape") and hasattr(l, "dtype") for l in leaves]
+  arrays = [jax.ShapeDtypeStruct(l.shape, l.dtype) for l, a in zip(leaves, is_array) if a]
+
+  def rebuild(traced):
+    it = iter(traced)
+    return jax.tree.unflatten(treedef, [next(it) if a else l for l, a in zip(leaves, is_array)])
+
+  return arrays, rebuild
+
+
+def _init_rngs() -> dict[str, jax.Array]:
+  key = jax.random.key(0)
+  return {"params": key, "dropout": key}
+
+
+class TransformedModel(nn.Module):
+  """A user's Linen model with Sparse-IFT members in place of its layers.
+
+  Built by :func:`transform`; ``init`` and ``apply`` take the original
+  model's arguments. Only ``__call__`` is transformed (other methods of the
+  wrapped model are not reachable through ``apply(..., method=...)``).
+
+  Attributes:
+    wrapped: The user's (unbound) model.
+    config: The :class:`FamilyConfig`.
+    policy: The user's mask policy of the original model (selects layers).
+    layers: Optional regexes selecting the layers to transform.
+    output_layers: Sparse Wide: layers whose output width is kept; ``None``
+      picks the last layer called.
+  """
+
+  wrapped: _ModelRef
+  config: FamilyConfig
+  policy: Optional[selection.SparsityPolicy] = None
+  layers: Optional[tuple[str, ...]] = None
+  output_layers: Optional[tuple[str, ...]] = None
+
+  @nn.nowrap
+  def _record(self, args: tuple, kwargs: dict) -> tuple[list[str], Any]:
+    """Traces the original model abstractly: its layer call order and output shapes."""
+    calls: list[str] = []
+    model = self.wrapped.module
+
+    def recorder(next_fun, a, k, context):
+      if context.method_name == "__call__" and _transformable(context.module) and not _STATE.depth:
+        calls.append("/".join(context.module.scope.path))
+      return next_fun(*a, **k)
+
+    arrays, rebuild = _split_static((args, kwargs))
+
+    def run(*traced):
+      a, k = rebuild(traced)
+      with nn.intercept_methods(recorder):
+        return model.init_with_output(_init_rngs(), *a, **k)[0]
+
+    out = jax.eval_shape(run, *arrays)
+    return calls, out
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    root = tuple(self.scope.path)
+    output_layers = self.output_layers
+    expected = None
+    if self.config.family == "sparse_wide" and output_layers is None:
+      calls, expected = self._record(args, kwargs)
+      if not calls:
+        raise ValueError(f"transform(): {self.wrapped!r} calls no nn.Dense, nn.DenseGeneral or "
+                         "nn.Conv layer; nothing to transform")
+      output_layers = ("^" + re.escape(calls[-1]) + "$",)
+    interceptor = _Interceptor(self, root, output_layers or ())
+    with nn.intercept_methods(interceptor):
+      out = self.wrapped.module.clone(parent=self.scope)(*args, **kwargs)
+    if self.config.family != "dense" and not interceptor.transformed:
+      raise ValueError(
+          f"transform(): no layer of {self.wrapped!r} was transformed to {self.config.family}; "
+          f"layers seen: {interceptor.seen or 'none (no nn.Dense/nn.DenseGeneral/nn.Conv)'}; "
+          f"policy={self.policy!r}, layers={self.layers!r}")
+    if expected is not None:
+      got = jax.tree.map(lambda t: (tuple(t.shape), t.dtype), out)
+      want = jax.tree.map(lambda t: (tuple(t.shape), t.dtype), expected)
+      if got != want:
+        raise ValueError(
+            f"transform(): Sparse Wide changed the output of {self.wrapped!r} from {want} to {got}; "
+            "pass output_layers= with the layers that write the model output and any residual "
+            f"stream (layers called: {interceptor.seen})")
+    return out
+
+  @nn.nowrap
+  def sparsity_policy(self) -> selection.SparsityPolicy:
+    """The :class:`SparsityPolicy` of the transformed parameters (see :func:`transformed_policy`)."""
+    return transformed_policy(self.policy, self.config.family, self.config.reference)
+
+  @nn.nowrap
+  def base_model(self) -> nn.Module:
+    """The untransformed user model."""
+    return self.wrapped.module
+
+  @nn.nowrap
+  def solve(self, *inputs: Any, **apply_kwargs: Any) -> isoflop.IsoFlopSolution:
+    """Solves the mask sparsity that makes this model iso-FLOP with the original.
+
+    Both models are traced abstractly on ``inputs`` (arrays or
+    ``ShapeDtypeStruct``; use batch 1 for per-example MACs). With the paper
+    rules the solution is exact (closed form); with ``reference=True``
+    Sparse Wide uses the reference's bisection and the other members keep the
+    nominal sparsity, as the reference does.
+
+    Args:
+      *inputs: Example inputs of the model.
+      **apply_kwargs: Static keyword arguments of the model's ``__call__``.
+
+    Returns:
+      An :class:`sift_jax.transformations.IsoFlopSolution`.
+    """
+    cfg = self.config
+    base = self.base_model()
+    base_vars = _abstract_init(base, inputs, apply_kwargs)
+    base_macs = flops.count_macs(base, base_vars, *inputs, **apply_kwargs).total
+    variables = _abstract_init(self, inputs, apply_kwargs)
+    macs = flops.count_macs(self, variables, *inputs, **apply_kwargs)
+    if cfg.family == "dense":
+      method = "nominal"
+    elif cfg.reference:
+      method = "reference_bisection" if cfg.family == "sparse_wide" else "nominal"
+    else:
+      method = "closed_form"
+    return isoflop.solve_sparsity(macs, variables["params"], self.sparsity_policy(),
+                                  base_dense_macs=base_macs, nominal_sparsity=cfg.sparsity,
+                                  method=method, what=f"transformed {self.wrapped!r}")
+
+
+def _abstract_init(module: nn.Module, inputs: Sequence[Any], kwargs: dict) -> Any:
+  kwargs = {k: v for k, v in kwargs.items() if k not in ("mutable", "rngs")}
+  arrays, rebuild = _split_static((tuple(inputs), kwargs))
+
+  def run(*traced):
+    a, k = rebuild(traced)
+    return module.init(_init_rngs(), *a, **k)
+
+  return jax.eval_shape(run, *arrays)
+
+
+def transform(model: nn.Module, *, family: str, sparsity: float,
+              policy: Optional[selection.SparsityPolicy] = None,
+              layers: Optional[Sequence[str]] = None,
+              output_layers: Optional[Sequence[str]] = None, reference: bool = False,
+              round_to: int = 1, factorized_mid: str = "linear",
+              parallel_norm: bool = False) -> TransformedModel:
+  """Applies a Sparse-IFT member to a Flax Linen model without editing its code.
+
+  Example::
+
+    model = MyMLP()                            # any Linen model of nn.Dense/nn.Conv
+    policy = sift_jax.SparsityPolicy(dense=("Dense_0", "Dense_3"))  # stem, head
+    sift = sift_jax.transform(model, family="sparse_factorized", sparsity=0.75,
+                              policy=policy)
+    variables = sift.init(key, x)              # same arguments as model.init
+    y = sift.apply(variables, x)               # same output shapes
+    sol = sift.solve(x[:1])                    # iso-FLOP sparsity for the masks
+    densities = sift_jax.layer_densities(variables["params"], sol.solved_sparsity,
+                                         policy=sift.sparsity_policy())
+
+  Args:
+    model: An unbound Linen module.
+    family: ``"dense"``, ``"sparse_wide"``, ``"sparse_parallel"``,
+      ``"sparse_factorized"`` or ``"sparse_doped"``.
+    sparsity: Nominal sparsity ``s`` in [0, 1) that sizes the member.
+    policy: The user's :class:`sift_jax.SparsityPolicy` for the original
+      model; it selects the layers to transform (unless ``layers`` is given)
+      and, via :meth:`TransformedModel.sparsity_policy`, the masks.
+    layers: Regexes on layer paths selecting the layers to transform.
+    output_layers: Sparse Wide: regexes of layers whose output width is kept
+      (model outputs, residual-stream writers). ``None``: the last layer called.
+    reference: Reference rank/width/branch rules.
+    round_to: Widths and ranks are rounded to this multiple.
+    factorized_mid: ``"linear"``, ``"norm"`` or ``"norm_relu"`` (LayerNorm).
+    parallel_norm: A LayerNorm on every Parallel branch.
+
+  Returns:
+    A :class:`TransformedModel`.
+
+  Raises:
+    ValueError: for an unknown family, a sparsity outside [0, 1), a model that
+      is not a Linen module, or invalid regexes. A model in which nothing gets
+      transformed raises when it is first traced (``init``/``apply``).
+  """
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"transform() expects a flax.linen Module, got {type(model).__name__}")
+  config = FamilyConfig(family=family, sparsity=sparsity, reference=reference, round_to=round_to,
+                        factorized_mid=factorized_mid, norm="layer", parallel_norm=parallel_norm)
+  for name, pats in (("layers", layers), ("output_layers", output_layers)):
+    for p in (pats or ()):
+      try:
+        re.compile(p)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"transform(): invalid regex in {name}: {p!r} ({e})") from None
+  if policy is not None and not isinstance(policy, selection.SparsityPolicy):
+    raise ValueError(f"policy must be a sift_jax.SparsityPolicy, got {type(policy).__name__}")
+  return TransformedModel(
+      wrapped=_ModelRef(model.clone(parent=None)), config=config, policy=policy,
+      layers=None if layers is None else tuple(layers),
+      output_layers=None if output_layers is None else tuple(output_layers))
