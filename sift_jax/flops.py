@@ -43,7 +43,7 @@ from sift_jax.masks import ops as mask_ops
 from sift_jax.masks import tree_paths
 
 __all__ = [
-    "MacRow", "MacCount", "count_macs", "LayerFlops", "FlopsReport", "flops_report",
+    "MacRow", "MacCount", "count_macs", "MacTrace", "trace_macs", "LayerFlops", "FlopsReport", "flops_report",
     "effective_densities", "TrainingFlops", "training_flops", "TRAINING_METHODS", "model_report",
     "main",
 ]
@@ -113,8 +113,10 @@ def _sub_jaxpr(value: Any) -> Optional[tuple[Any, Sequence[Any]]]:
 class _Walker:
   """Forward dataflow over a jaxpr that records MAC rows."""
 
-  def __init__(self, param_paths: Sequence[str]):
+  def __init__(self, param_paths: Sequence[str], param_vars: Optional[Mapping[Any, int]] = None):
     self.param_paths = list(param_paths)
+    # Variables of the top-level jaxpr that *are* parameter leaves (when tracing ``init``).
+    self.param_vars = dict(param_vars or {})
     self.macs: dict[tuple[str, Optional[str]], int] = {}
 
   def _add(self, name: str, param: Optional[str], macs: int) -> None:
@@ -185,6 +187,8 @@ class _Walker:
         outs = [_join(ins)] * len(eqn.outvars)
       for v, l in zip(eqn.outvars, outs):
         env[v] = l
+        if v in self.param_vars:
+          env[v] = _Label(False, frozenset([self.param_vars[v]]))
     return [read(v) for v in jaxpr.outvars]
 
   def _recurse(self, eqn: Any, ins: list[_Label], mult: int, record: bool) -> Optional[list[_Label]]:
@@ -271,6 +275,74 @@ def count_macs(module: Any, variables: Mapping[str, Any], *inputs: Any, **apply_
   walker.walk(closed.jaxpr, labels)
   rows = tuple(MacRow(name, macs, param) for (name, param), macs in walker.macs.items())
   return MacCount(rows)
+
+
+class MacTrace(NamedTuple):
+  """Result of :func:`trace_macs`.
+
+  Attributes:
+    macs: The :class:`MacCount`.
+    variables: The model's variables as ``jax.ShapeDtypeStruct``.
+    output: The model's output as ``jax.ShapeDtypeStruct``.
+  """
+
+  macs: MacCount
+  variables: Any
+  output: Any
+
+
+def trace_macs(module: Any, *inputs: Any, **init_kwargs: Any) -> MacTrace:
+  """Counts forward MACs by tracing ``module.init`` once; also returns the shapes.
+
+  Same rows as :func:`count_macs` (``init`` runs the forward pass), at about
+  half the cost: one trace gives the abstract variables, the output shapes
+  and the MACs, and Flax's per-parameter shape checks of ``apply`` are
+  skipped. Each parameter leaf is identified as the ``init`` output it is
+  returned as, so the parameters must be created at the top level of the
+  trace. Where they are not (lifted ``nn.scan``/``nn.jit``/``nn.remat``
+  bodies), some product's weight is not an ``init`` output, and the function
+  falls back to :func:`count_macs` on the traced shapes.
+
+  Args:
+    module: A Flax Linen module.
+    *inputs: Model inputs (arrays or ``ShapeDtypeStruct``), batch 1 for
+      per-example counts.
+    **init_kwargs: Static keyword arguments of ``__call__`` (``train=False``).
+
+  Returns:
+    A :class:`MacTrace`.
+  """
+  inputs = _abstract(inputs)
+
+  def fn(*inputs):
+    key = jax.random.key(0)
+    out, variables = module.init_with_output({"params": key, "dropout": key}, *inputs,
+                                             **init_kwargs)
+    return variables, out
+
+  closed, (var_shapes, out_shapes) = jax.make_jaxpr(fn, return_shape=True)(*inputs)
+  flat, _ = jax.tree_util.tree_flatten_with_path(var_shapes)
+  if len(flat) + len(jax.tree.leaves(out_shapes)) != len(closed.jaxpr.outvars):
+    raise ValueError(f"cannot match the {len(flat)} variables of {type(module).__name__} to the "
+                     "outputs of its init jaxpr; use count_macs")
+  params = var_shapes.get("params", {})
+  paths = tree_paths.leaf_paths(params)
+  param_vars: dict[Any, int] = {}
+  index = 0
+  for (kp, _), var in zip(flat, closed.jaxpr.outvars):
+    if tree_paths.path_str(kp[:1]) == "params":
+      if not isinstance(var, jex.Literal) and var not in param_vars:
+        param_vars[var] = index
+      index += 1
+  labels = [_DATA] * len(closed.jaxpr.invars)
+  walker = _Walker(paths, param_vars)
+  walker.walk(closed.jaxpr, labels)
+  rows = tuple(MacRow(name, macs, param) for (name, param), macs in walker.macs.items())
+  if any(r.param is None and r.name.startswith("constants:") for r in rows):
+    # A product whose weight is no top-level init output: parameters created inside a lifted
+    # transform (nn.scan, nn.jit, nn.remat). Trace apply, where parameters are inputs.
+    return MacTrace(count_macs(module, var_shapes, *inputs, **init_kwargs), var_shapes, out_shapes)
+  return MacTrace(MacCount(rows), var_shapes, out_shapes)
 
 
 def effective_densities(params: Any, *, densities: Any = None, masks: Any = None) -> dict[str, float]:
@@ -423,7 +495,7 @@ def flops_report(macs: MacCount, params: Any, *, densities: Any = None, masks: A
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   shapes = {tree_paths.path_str(kp): tuple(int(d) for d in np.shape(l)) for kp, l in flat}
   rows = []
-  for r in sorted(macs.rows, key=lambda r: (r.param is None, r.name)):
+  for r in macs.rows:  # in the order the forward pass first uses them
     if r.param is not None and r.param in shapes:
       d = dens[r.param]
       shape = shapes[r.param]

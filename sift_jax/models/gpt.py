@@ -18,7 +18,7 @@ whose residual writers (``out``, ``fc2``) are its ``output_layers``.
 
 Parameter names: ``embed/embedding``, ``pos_embed``, ``block_{i}/ln_1``,
 ``block_{i}/attn/{query,key,value,out}``, ``block_{i}/ln_2``,
-``block_{i}/mlp/{fc1,fc2}``, ``ln_f``, ``head``.
+``block_{i}/mlp/{fc1,fc2}``, ``ln_f`` (and ``head`` if untied).
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ class GPT(nn.Module):
     head_dim: Per-head width (``width // num_heads`` dense; widened for Sparse Wide).
     mlp_width: MLP hidden width (``4 * width`` dense; widened for Sparse Wide).
     sift: The Sparse-IFT member applied to the block linears.
+    tie_embeddings: LM head = transposed token embedding (GPT-2/GPT-3);
+      otherwise a separate ``head`` Dense without bias.
   """
 
   vocab_size: int
@@ -97,6 +99,7 @@ class GPT(nn.Module):
   head_dim: int
   mlp_width: int
   sift: FamilyConfig = FamilyConfig(norm="layer")
+  tie_embeddings: bool = True
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -108,13 +111,16 @@ class GPT(nn.Module):
     init = nn.initializers.normal(0.02)
     # GPT-2: residual projections scaled by 1/sqrt(2 * depth).
     out_init = nn.initializers.normal(0.02 / math.sqrt(2 * self.depth))
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=init, name="embed")(tokens)
+    embed = nn.Embed(self.vocab_size, self.width, embedding_init=init, name="embed")
+    x = embed(tokens)
     pos = self.param("pos_embed", init, (self.context, self.width))
     x = x + pos[None, :t]
     for i in range(self.depth):
       x = _Block(self.num_heads, self.head_dim, self.width, self.mlp_width, out_init, self.sift,
                  name=f"block_{i}")(x, train)
     x = nn.LayerNorm(epsilon=1e-5, name="ln_f")(x)
+    if self.tie_embeddings:  # GPT-2/GPT-3: the LM head is the transposed token embedding
+      return embed.attend(x)
     return nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, name="head")(x)
 
 

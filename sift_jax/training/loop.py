@@ -317,7 +317,13 @@ def _flops_report(funcs: RunFunctions, state: Any, config: ml_collections.Config
   from sift_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
   masks = _masks_or_none(state.opt_state)
   densities = None if masks is None else _mask_densities(masks)
-  report = flops_lib.model_report(funcs.spec, densities=densities)
+  abstract = funcs.abstract_state
+  variables = {"params": abstract.params, **abstract.model_state}
+  x = jax.ShapeDtypeStruct((1, *funcs.spec.input_shape), funcs.spec.input_dtype)
+  macs = flops_lib.count_macs(funcs.spec.module, variables, x, train=False)
+  report = flops_lib.flops_report(macs, abstract.params, densities=densities,
+                                  base_dense_macs=getattr(funcs.spec, "base_dense_macs", None),
+                                  solved_sparsity=getattr(funcs.spec, "solved_sparsity", None))
   method = config.sparse.method if masks is not None else "dense"
   common = dict(total_steps=funcs.total_steps, batch_size=int(config.training.batch_size))
   run = flops_lib.training_flops(2.0 * report.sparse_macs, 2.0 * report.dense_macs, method=method,
@@ -437,19 +443,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   window_start = time.time()
   wall_before = float(loop_state["wall_seconds"])
 
+  checked = [0]  # pending[:checked[0]] have finite losses
+
+  def check_finite() -> None:
+    """Raises NonFiniteLossError for the first non-finite loss not yet checked."""
+    fresh = pending[checked[0]:]
+    losses = jax.device_get([m["loss"] for _, m in fresh])
+    for (s, _), loss in zip(fresh, losses):
+      if not math.isfinite(float(loss)):
+        raise NonFiniteLossError(
+            f"non-finite training loss {float(loss)} at step {s}; stopped. The state after it was not "
+            f"saved; the last good checkpoint in {ckpt.directory} is step {last_saved}",
+            step=s, last_checkpoint=last_saved)
+    checked[0] = len(pending)
+
   def flush(step: int) -> None:
-    """Writes the averaged train metrics since the last flush; checks the loss."""
+    """Writes the averaged train metrics since the last flush (after checking the loss)."""
     nonlocal window_start
     if not pending:
       return
+    check_finite()
     values = jax.device_get([m for _, m in pending])
-    for (s, _), v in zip(pending, values):
-      loss = float(v["loss"])
-      if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"non-finite training loss {loss} at step {s}; stopped. The state after it was not saved; "
-            f"the last good checkpoint in {ckpt.directory} is step {last_saved}",
-            step=s, last_checkpoint=last_saved)
     mean = {k: float(np.mean([v[k] for v in values])) for k in values[-1]}
     elapsed = time.time() - window_start
     mean["steps_per_second"] = len(values) / max(elapsed, 1e-9)
@@ -457,6 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if progress is not None:
       progress.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
     pending.clear()
+    checked[0] = 0
     window_start = time.time()
 
   def do_eval(step: int) -> dict:
@@ -496,10 +511,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if jax.process_count() > 1 and not stop:
             stop = _any_process(preemption.requested)
         if boundary(t.eval_every_steps) and step < total_steps:
-          flush(step)
           last_eval = do_eval(step)
         if (boundary(t.checkpoint_every_steps) and step < total_steps) or stop:
-          flush(step)
+          check_finite()
           save(step)
         if stop and step < total_steps:
           preempted = True

@@ -153,7 +153,7 @@ def make_train_step(module: Any, tx: optax.GradientTransformation, *, input_key:
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
     if learning_rate_fn is not None:
       metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
     try:

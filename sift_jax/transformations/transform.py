@@ -280,10 +280,8 @@ class TransformedModel(nn.Module):
     """
     cfg = self.config
     base = self.base_model()
-    base_vars = _abstract_init(base, inputs, apply_kwargs)
-    base_macs = flops.count_macs(base, base_vars, *inputs, **apply_kwargs).total
-    variables = _abstract_init(self, inputs, apply_kwargs)
-    macs = flops.count_macs(self, variables, *inputs, **apply_kwargs)
+    base_macs = _macs_at_init(base, inputs, apply_kwargs)[0].total
+    macs, variables = _macs_at_init(self, inputs, apply_kwargs)
     if cfg.family == "dense":
       method = "nominal"
     elif cfg.reference:
@@ -295,15 +293,11 @@ class TransformedModel(nn.Module):
                                   method=method, what=f"transformed {self.wrapped!r}")
 
 
-def _abstract_init(module: nn.Module, inputs: Sequence[Any], kwargs: dict) -> Any:
+def _macs_at_init(module: nn.Module, inputs: Sequence[Any], kwargs: dict
+                  ) -> tuple[flops.MacCount, Any]:
   kwargs = {k: v for k, v in kwargs.items() if k not in ("mutable", "rngs")}
-  arrays, rebuild = _split_static((tuple(inputs), kwargs))
-
-  def run(*traced):
-    a, k = rebuild(traced)
-    return module.init(_init_rngs(), *a, **k)
-
-  return jax.eval_shape(run, *arrays)
+  trace = flops.trace_macs(module, *inputs, **kwargs)
+  return trace.macs, trace.variables
 
 
 def transform(model: nn.Module, *, family: str, sparsity: float,

@@ -1,0 +1,362 @@
+"""Model registry: the paper's models as :class:`ModelSpec` for any Sparse-IFT member.
+
+``get_model(name, family=..., sparsity=...)`` builds the Linen module, the mask
+policy of SPEC section 3 for the transformed parameters, and solves the mask
+sparsity that makes the sparse forward MACs equal the dense model's
+(:mod:`sift_jax.transformations.isoflop`). The training code then uses::
+
+    spec = get_model("resnet18_cifar", family="sparse_wide", sparsity=0.9)
+    variables = spec.init(key)
+    densities = spec.layer_densities(variables["params"])   # uniform at the solved s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sift_jax import flops
+from sift_jax.masks import selection, tree_paths
+from sift_jax.masks.densities import check_sparsity, layer_densities
+from sift_jax.models import gpt as gpt_lib
+from sift_jax.models import mnist1d as mnist1d_lib
+from sift_jax.models import mobilenet as mobilenet_lib
+from sift_jax.models import resnet as resnet_lib
+from sift_jax.transformations import isoflop, sizes
+from sift_jax.transformations.family import FamilyConfig
+
+__all__ = ["ModelSpec", "get_model", "list_models", "describe_transformed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A model, the masks it trains with, and its iso-FLOP sparsity.
+
+  Attributes:
+    name: Registry name.
+    module: The (transformed) Linen module, called as
+      ``module.apply(variables, x, train=bool, mutable=[...])``.
+    base_module: The untransformed dense model (the FLOP budget).
+    policy: :class:`sift_jax.SparsityPolicy` of ``module``'s parameters.
+    family: The Sparse-IFT family.
+    nominal_sparsity: The ``s`` that sized the transformation.
+    solved_sparsity: The uniform sparsity the masks of ``policy``'s leaves
+      must use (iso-FLOP with ``base_module``; for ``family="dense"`` the given
+      sparsity, i.e. the sparse baseline at reduced FLOPs).
+    solve_method: How ``solved_sparsity`` was obtained
+      (:data:`sift_jax.transformations.SOLVE_METHODS`).
+    input_shape: Per-example input shape (no batch dimension).
+    input_dtype: Input dtype (float32 images/signals, int32 tokens).
+    task: ``"classification"`` or ``"lm"``.
+    num_classes: Classes (classification), else None.
+    vocab_size: Vocabulary size (lm), else None.
+    reference: Built with the reference rules.
+    round_to: Width/rank granularity.
+    info: Widths, ranks (``{layer: r}``), branches (``{layer: n}``), MACs.
+  """
+
+  name: str
+  module: nn.Module
+  base_module: nn.Module
+  policy: selection.SparsityPolicy
+  family: str
+  nominal_sparsity: float
+  solved_sparsity: float
+  solve_method: str
+  input_shape: tuple[int, ...]
+  input_dtype: Any
+  task: str
+  num_classes: Optional[int]
+  vocab_size: Optional[int]
+  reference: bool
+  round_to: int
+  info: Mapping[str, Any]
+  _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def example_input(self, batch_size: int = 1) -> jax.ShapeDtypeStruct:
+    """Abstract input batch of ``batch_size`` examples."""
+    return jax.ShapeDtypeStruct((int(batch_size),) + tuple(self.input_shape), self.input_dtype)
+
+  def init(self, key: jax.Array, batch_size: int = 1) -> Any:
+    """Initialises the variables (``params``, and ``batch_stats`` where used)."""
+    x = jnp.zeros((int(batch_size),) + tuple(self.input_shape), self.input_dtype)
+    return self.module.init(key, x, train=False)
+
+  def _trace(self) -> None:
+    if "macs" not in self._cache:
+      trace = flops.trace_macs(self.module, self.example_input(), train=False)
+      self._cache.update(macs=trace.macs, variables=trace.variables, output=trace.output)
+
+  def abstract_variables(self) -> Any:
+    """The variables as ``jax.ShapeDtypeStruct`` (no compute; cached)."""
+    self._trace()
+    return self._cache["variables"]
+
+  def abstract_output(self) -> Any:
+    """The model's output for :meth:`example_input` as ``jax.ShapeDtypeStruct`` (cached)."""
+    self._trace()
+    return self._cache["output"]
+
+  def mac_count(self) -> flops.MacCount:
+    """Per-row dense MACs of ``module`` for one example (batch 1; cached)."""
+    self._trace()
+    return self._cache["macs"]
+
+  @property
+  def base_dense_macs(self) -> int:
+    """Dense MACs of the untransformed model for one example."""
+    if "base_dense_macs" not in self._cache:
+      if self.family == "dense":
+        self._cache["base_dense_macs"] = self.mac_count().total
+      else:
+        self._cache["base_dense_macs"] = _dense_macs(self.base_module, self.example_input())
+    return self._cache["base_dense_macs"]
+
+  def layer_densities(self, params: Any, distribution: str = "uniform") -> Any:
+    """Per-leaf densities at the solved sparsity over the policy's sparse leaves."""
+    return layer_densities(params, self.solved_sparsity, distribution=distribution,
+                           policy=self.policy)
+
+
+_BASE_MACS: dict[tuple, int] = {}
+
+
+def _dense_macs(module: nn.Module, x: jax.ShapeDtypeStruct) -> int:
+  """Dense MACs of an untransformed model, cached by its configuration."""
+  key = (repr(module), tuple(x.shape), str(x.dtype))
+  if key not in _BASE_MACS:
+    _BASE_MACS[key] = flops.trace_macs(module, x, train=False).macs.total
+  return _BASE_MACS[key]
+
+
+def describe_transformed(params: Any) -> dict[str, dict[str, int]]:
+  """Reads the members' sizes off a (transformed) parameter tree.
+
+  Returns:
+    ``{"ranks": {layer: r}, "branches": {layer: n}}`` where ``layer`` is the
+    path of a Factorized/Doped layer (rank = outputs of its ``U``) or of a
+    Parallel layer (number of ``branch_{i}`` kernels).
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  ranks, branches = {}, {}
+  for kp, leaf in flat:
+    path = tree_paths.path_str(kp)
+    m = re.fullmatch(r"(.*)/U/kernel", path)
+    if m:
+      ranks[m.group(1)] = int(leaf.shape[-1])
+    m = re.fullmatch(r"(.*)/branch_(\d+)/kernel", path)
+    if m:
+      branches[m.group(1)] = max(branches.get(m.group(1), 0), int(m.group(2)) + 1)
+  return {"ranks": ranks, "branches": branches}
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+@dataclasses.dataclass(frozen=True)
+class _Built:
+  module: nn.Module
+  input_shape: tuple[int, ...]
+  input_dtype: Any
+  task: str
+  num_classes: Optional[int]
+  vocab_size: Optional[int]
+  dense: tuple[str, ...]  # policy regexes of leaves that stay dense
+  widths: Mapping[str, Any]
+
+
+def _resnet_builder(stage_sizes, *, bottleneck: bool, cifar: bool, default_classes: int):
+  def build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+    n_cls = default_classes if num_classes is None else num_classes
+    base = (64, 128, 256, 512)
+    if cfg.family == "sparse_wide" and cfg.reference:
+      # Reference: base width int(64 * sqrt(round(1/d))), stages 1x, 2x, 4x, 8x of it.
+      w0 = cfg.width(64, what="base width")
+      widths = tuple(w0 * m for m in (1, 2, 4, 8))
+    else:
+      widths = tuple(cfg.width(w, what=f"stage {i + 1} width") for i, w in enumerate(base))
+    if cfg.family == "sparse_parallel" and cfg.reference:
+      # Reference Parallel: a BatchNorm per branch; ImageNet also a ReLU inside each branch.
+      cfg = dataclasses.replace(cfg, parallel_norm=True,
+                                parallel_activation=None if cifar else nn.relu)
+    # The reference zero-initialises the last BatchNorm only of its plain blocks (dense, wide).
+    zero_init = not cfg.reference or cfg.family in ("dense", "sparse_wide")
+    module = resnet_lib.ResNet(stage_sizes=tuple(stage_sizes), widths=widths, stem_width=widths[0],
+                               num_classes=n_cls, bottleneck=bottleneck, cifar_stem=cifar, sift=cfg,
+                               zero_init_residual=zero_init)
+    shape = (32, 32, 3) if cifar else (224, 224, 3)
+    return _Built(module, shape, jnp.float32, "classification", n_cls, None,
+                  (r"^stem/", r"^head/"), {"stem": widths[0], "stages": list(widths)})
+  return build
+
+
+def _mobilenet_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+  n_cls = 1000 if num_classes is None else num_classes
+  stem = cfg.width(32, what="stem width")
+  blocks = tuple(cfg.width(c, what=f"stage {i} width")
+                 for i, (_, c, _, _) in enumerate(mobilenet_lib.INVERTED_RESIDUAL_SETTING))
+  last = cfg.width(1280, what="last width")
+  module = mobilenet_lib.MobileNetV2(num_classes=n_cls, stem_width=stem, block_widths=blocks,
+                                     last_width=last, sift=cfg)
+  return _Built(module, (224, 224, 3), jnp.float32, "classification", n_cls, None,
+                (r"^stem/", r"^head/", r"/dw/"),
+                {"stem": stem, "stages": list(blocks), "last": last})
+
+
+def _gpt_builder(*, depth: int, width: int, heads: int, context: int, vocab: int):
+  def build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+    if num_classes is not None:
+      raise ValueError(f"GPT models are language models; num_classes={num_classes!r} does not "
+                       "apply (use vocab_size=)")
+    ctx = int(kw.get("context", context))
+    voc = int(kw.get("vocab_size", vocab))
+    if ctx < 1 or voc < 1:
+      raise ValueError(f"context and vocab_size must be positive, got {ctx}, {voc}")
+    head_dim = cfg.width(width // heads, what="attention head_dim")
+    mlp = cfg.width(4 * width, what="MLP width")
+    module = gpt_lib.GPT(vocab_size=voc, context=ctx, width=width, depth=depth, num_heads=heads,
+                         head_dim=head_dim, mlp_width=mlp, sift=cfg)
+    return _Built(module, (ctx,), jnp.int32, "lm", None, voc,
+                  (r"^embed/", r"^pos_embed$", r"^head/"),
+                  {"width": width, "head_dim": head_dim, "attention_width": heads * head_dim,
+                   "mlp_width": mlp})
+  return build
+
+
+def _mlp_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+  n_cls = 10 if num_classes is None else num_classes
+  hidden = tuple(int(h) for h in kw.get("hidden", (256, 256, 256)))
+  if len(hidden) < 2:
+    raise ValueError(f"mlp_mnist1d needs at least two hidden widths, got hidden={hidden}")
+  widths = tuple(cfg.width(h, what=f"hidden width {i}") for i, h in enumerate(hidden))
+  module = mnist1d_lib.MLP(hidden=widths, num_classes=n_cls, sift=cfg)
+  return _Built(module, (40,), jnp.float32, "classification", n_cls, None,
+                (r"^stem/", r"^head/"), {"hidden": list(widths)})
+
+
+def _cnn_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+  n_cls = 10 if num_classes is None else num_classes
+  channels = tuple(int(c) for c in kw.get("channels", (32, 64, 64)))
+  strides = tuple(int(s) for s in kw.get("strides", (1, 2, 2)))
+  if len(channels) != len(strides) or not channels:
+    raise ValueError(f"cnn_mnist1d: channels {channels} and strides {strides} must be non-empty "
+                     "and of equal length")
+  stem = cfg.width(int(kw.get("stem_width", 32)), what="stem width")
+  widths = tuple(cfg.width(c, what=f"conv_{i} width") for i, c in enumerate(channels))
+  module = mnist1d_lib.CNN1D(stem_width=stem, channels=widths, strides=strides, num_classes=n_cls,
+                             sift=cfg)
+  return _Built(module, (40, 1), jnp.float32, "classification", n_cls, None,
+                (r"^stem/", r"^head/"), {"stem": stem, "channels": list(widths)})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  build: Callable[[FamilyConfig, Optional[int], dict], _Built]
+  conv: bool  # convolutional: BatchNorm and BN+ReLU Factorized by default
+  kwargs: tuple[str, ...] = ()
+
+
+_MODELS: dict[str, _Entry] = {
+    "resnet18_cifar": _Entry(_resnet_builder((2, 2, 2, 2), bottleneck=False, cifar=True,
+                                             default_classes=100), True),
+    "resnet34_cifar": _Entry(_resnet_builder((3, 4, 6, 3), bottleneck=False, cifar=True,
+                                             default_classes=100), True),
+    "resnet18_imagenet": _Entry(_resnet_builder((2, 2, 2, 2), bottleneck=False, cifar=False,
+                                                default_classes=1000), True),
+    "resnet34_imagenet": _Entry(_resnet_builder((3, 4, 6, 3), bottleneck=False, cifar=False,
+                                                default_classes=1000), True),
+    "resnet50_imagenet": _Entry(_resnet_builder((3, 4, 6, 3), bottleneck=True, cifar=False,
+                                                default_classes=1000), True),
+    "mobilenet_v2": _Entry(_mobilenet_build, True),
+    "gpt3_small": _Entry(_gpt_builder(depth=12, width=768, heads=12, context=2048, vocab=50257),
+                         False, ("context", "vocab_size")),
+    "gpt_mini": _Entry(_gpt_builder(depth=4, width=128, heads=4, context=128, vocab=256), False,
+                       ("context", "vocab_size")),
+    "gpt_tiny": _Entry(_gpt_builder(depth=2, width=64, heads=4, context=64, vocab=256), False,
+                       ("context", "vocab_size")),
+    "mlp_mnist1d": _Entry(_mlp_build, False, ("hidden",)),
+    "cnn_mnist1d": _Entry(_cnn_build, True, ("channels", "strides", "stem_width")),
+}
+
+
+def list_models() -> tuple[str, ...]:
+  """Names accepted by :func:`get_model`."""
+  return tuple(_MODELS)
+
+
+def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, reference: bool = False,
+              round_to: int = 1, num_classes: Optional[int] = None, **kw: Any) -> ModelSpec:
+  """Builds a registered model under a Sparse-IFT member and solves its iso-FLOP sparsity.
+
+  Args:
+    name: One of :func:`list_models`.
+    family: ``"dense"`` or a member (:data:`sift_jax.transformations.FAMILIES`).
+    sparsity: Nominal sparsity ``s`` in [0, 1). For ``"dense"`` it is the
+      sparsity of the plain (non-iso-FLOP) sparse baseline.
+    reference: Use the authors' PyTorch rules (ranks, widths, Parallel norms,
+      Doped masking of U and V, no re-solve except Sparse Wide's bisection).
+    round_to: Round widths and ranks to this multiple (paper rules).
+    num_classes: Classifier outputs (default: the dataset's; not for GPT).
+    **kw: ``factorized_mid`` (``"linear"``, ``"norm"``, ``"norm_relu"``;
+      default ``"norm_relu"`` for convolutional models as in the reference
+      CIFAR configuration, ``"linear"`` otherwise) and model-specific options:
+      GPT ``context``, ``vocab_size``; ``mlp_mnist1d`` ``hidden``;
+      ``cnn_mnist1d`` ``channels``, ``strides``, ``stem_width``.
+
+  Returns:
+    A :class:`ModelSpec`.
+
+  Raises:
+    ValueError: unknown model, family or keyword; sparsity outside [0, 1);
+      a width or rank that rounds to zero; a budget no sparsity can meet.
+  """
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
+  entry = _MODELS[name]
+  sizes.check_family(family)
+  s = check_sparsity(sparsity)
+  unknown = sorted(set(kw) - set(entry.kwargs) - {"factorized_mid"})
+  if unknown:
+    raise ValueError(f"{name}: unknown keyword argument(s) {unknown}; accepted: "
+                     f"{sorted(set(entry.kwargs) | {'factorized_mid'})}")
+  if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+  mid = kw.pop("factorized_mid", "norm_relu" if entry.conv else "linear")
+  norm = "batch" if entry.conv else "layer"
+  cfg = FamilyConfig(family=family, sparsity=s, reference=reference, round_to=round_to,
+                     factorized_mid=mid, norm=norm)
+  built = entry.build(cfg, num_classes, kw)
+  base = entry.build(FamilyConfig(norm=norm, factorized_mid=mid), num_classes, kw).module
+  dense = built.dense
+  if family == "sparse_doped" and not reference:
+    dense = dense + (r"/U/kernel$", r"/V/kernel$")  # paper: only S is sparse
+  policy = selection.SparsityPolicy(dense=dense)
+  x = jax.ShapeDtypeStruct((1,) + tuple(built.input_shape), built.input_dtype)
+  info: dict[str, Any] = {"widths": dict(built.widths), "factorized_mid": mid}
+  cache: dict[str, Any] = {}
+  if family == "dense":
+    solved, method = s, "nominal"
+  else:
+    macs, variables, output = flops.trace_macs(built.module, x, train=False)
+    method = ("closed_form" if not reference else
+              "reference_bisection" if family == "sparse_wide" else "nominal")
+    budget = _dense_macs(base, x)
+    sol = isoflop.solve_sparsity(macs, variables["params"], policy, base_dense_macs=budget,
+                                 nominal_sparsity=s, method=method,
+                                 what=f"{name} ({family}, s={s})")
+    solved = sol.solved_sparsity
+    cache.update(variables=variables, macs=macs, output=output, base_dense_macs=budget)
+    info.update(describe_transformed(variables["params"]))
+    info.update(base_dense_macs=budget, dense_macs=sol.dense_macs, sparse_macs=sol.sparse_macs,
+                iso_flop_ratio=sol.iso_flop_ratio)
+  return ModelSpec(name=name, module=built.module, base_module=base, policy=policy, family=family,
+                   nominal_sparsity=s, solved_sparsity=float(solved), solve_method=method,
+                   input_shape=tuple(built.input_shape), input_dtype=built.input_dtype,
+                   task=built.task, num_classes=built.num_classes, vocab_size=built.vocab_size,
+                   reference=bool(reference), round_to=int(round_to), info=info, _cache=cache)
