@@ -7,19 +7,39 @@ Sparse-IFT family as Flax layers and model transforms
 training and spectral analysis of masks.
 """
 
-from sift_jax import data
+from sift_jax import flops
 from sift_jax import masks
+from sift_jax import models
 from sift_jax import optim
 from sift_jax import sharding
 from sift_jax import spectral
+from sift_jax import transformations
 from sift_jax.masks import (DISTRIBUTIONS, SparsityPolicy, apply_masks, explain_selection, init_masks,
                             layer_densities, mask_stats, path_str, select_sparse, target_count)
+from sift_jax.models import ModelSpec, get_model, list_models
+from sift_jax.transformations import (FAMILIES, SparseDoped, SparseFactorized, SparseParallel,
+                                      TransformedModel, solve_sparsity, transform, transformed_policy)
 from sift_jax.optim import (SparseState, SparseStats, get_masks, get_sparse_state, rigl, set_sparse,
                             sparse_stats, static_sparse)
 
 __version__ = "0.1.0"
 
+# Heavy, optional subpackages (grain/TFDS, orbax) load on first attribute access.
+_LAZY_SUBMODULES = ("data", "training")
+
+
+def __getattr__(name):
+  if name in _LAZY_SUBMODULES:
+    import importlib  # pylint: disable=g-import-not-at-top
+    module = importlib.import_module(f"sift_jax.{name}")
+    globals()[name] = module
+    return module
+  raise AttributeError(f"module 'sift_jax' has no attribute {name!r}")
+
 __all__ = [
+    "FAMILIES", "ModelSpec", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",
+    "flops", "get_model", "list_models", "models", "solve_sparsity", "transform", "transformations",
+    "transformed_policy",
     "DISTRIBUTIONS", "SparseState", "SparseStats", "SparsityPolicy", "apply_masks",
     "explain_selection", "get_masks", "get_sparse_state", "init_masks", "layer_densities",
     "mask_stats", "masks", "optim", "path_str", "rigl", "select_sparse", "set_sparse", "sharding",

@@ -31,9 +31,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.extend.core as jex
@@ -102,11 +101,12 @@ def _join(labels: Sequence[_Label]) -> _Label:
   return _Label(False, frozenset().union(*[l.origins for l in labels]) if labels else frozenset())
 
 
-def _sub_jaxpr(value: Any) -> Optional[tuple[Any, Sequence[Any]]]:
+def _sub_jaxpr(value: Any) -> Optional[Any]:
+  """The ``Jaxpr`` inside an equation parameter, if it holds one."""
   if isinstance(value, jex.ClosedJaxpr):
-    return value.jaxpr, value.consts
+    return value.jaxpr
   if isinstance(value, jex.Jaxpr):
-    return value, ()
+    return value
   return None
 
 
@@ -148,7 +148,7 @@ class _Walker:
       self._charge(eqn, _join([a, b]), False, macs, mult)
 
   def _dot(self, eqn: Any, ins: Sequence[_Label], mult: int) -> None:
-    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    lhs = eqn.invars[0].aval
     (lc, _), _ = eqn.params["dimension_numbers"]
     out = eqn.outvars[0].aval
     macs = int(np.prod(out.shape, dtype=np.int64)) * int(np.prod([lhs.shape[d] for d in lc], dtype=np.int64))
@@ -195,7 +195,7 @@ class _Walker:
     name = eqn.primitive.name
     params = eqn.params
     if name == "scan":
-      body, _ = _sub_jaxpr(params["jaxpr"])
+      body = _sub_jaxpr(params["jaxpr"])
       n_c, n_carry = params["num_consts"], params["num_carry"]
       labels = list(ins)
       # Carries may become input-dependent after one iteration: find the fixed point first.
@@ -207,7 +207,7 @@ class _Walker:
         labels[n_c:n_c + n_carry] = merged
       return self.walk(body, labels, mult * int(params["length"]), record)
     if name == "while":
-      body, _ = _sub_jaxpr(params["body_jaxpr"])
+      body = _sub_jaxpr(params["body_jaxpr"])
       n_cond = params["cond_nconsts"]
       body_ins = ins[n_cond:]
       # Unknown trip count: the body is counted once.
@@ -216,7 +216,7 @@ class _Walker:
       best: Optional[tuple[int, dict, list[_Label]]] = None
       for branch in params["branches"]:
         sub = _Walker(self.param_paths)
-        outs = sub.walk(_sub_jaxpr(branch)[0], ins[1:], mult, record)
+        outs = sub.walk(_sub_jaxpr(branch), ins[1:], mult, record)
         total = sum(sub.macs.values())
         if best is None or total > best[0]:
           best = (total, sub.macs, outs)
@@ -225,8 +225,8 @@ class _Walker:
       return best[2]
     for value in params.values():
       sub = _sub_jaxpr(value)
-      if sub is not None and len(sub[0].invars) == len(ins):
-        return self.walk(sub[0], ins, mult, record)
+      if sub is not None and len(sub.invars) == len(ins):
+        return self.walk(sub, ins, mult, record)
     return None
 
 

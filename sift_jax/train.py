@@ -23,6 +23,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,9 +50,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).strip("'\"").replace("\\n", " ").replace("'\\'", "'")
+    # ml_collections nests the KeyError's repr in the message: unwrap it.
+    message = str(e)
+    while len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+      message = message[1:-1]
+    message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
     bad = [a for a in argv[1:] if a.startswith("--config.")]
-    print(f"error: bad config override among {bad}: {type(e).__name__}: {message}", file=sys.stderr)
+    print(f"error: bad config override among {bad}: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -70,6 +75,8 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 2
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   logging.getLogger("sift_jax").setLevel(logging.INFO)
   _maybe_initialize_distributed()
   # pylint: disable=import-outside-toplevel

@@ -20,7 +20,7 @@ def tiny_config(**overrides):
       "model.sparsity": 0.5, "sparse.method": "rigl", "sparse.update_every": 8,
       "training.num_steps": 40, "training.batch_size": 32, "training.eval_batch_size": 250,
       "training.log_every_steps": 10, "training.checkpoint_every_steps": 16,
-      "training.keep_checkpoints": 2, "training.progress_bar": False, "mesh.data": 2,
+      "training.keep_checkpoints": 2, "training.progress_bar": False, "mesh.data": 1,
       "optimizer.learning_rate": 0.05,
   }
   base.update(overrides)
@@ -166,7 +166,7 @@ def test_bad_inputs_fail_before_touching_the_workdir(tmp_path):
   with pytest.raises(ValueError, match="batch_size=12 is not divisible by the data-parallel size 8"):
     training.train_and_evaluate(tiny_config(**{"training.batch_size": 12, "mesh.data": 8}), str(workdir))
   with pytest.raises(ValueError, match="data-parallel size 2 x grad_accum_steps 4"):
-    training.train_and_evaluate(tiny_config(**{"training.batch_size": 36,
+    training.train_and_evaluate(tiny_config(**{"training.batch_size": 36, "mesh.data": 2,
                                                "training.grad_accum_steps": 4}), str(workdir))
   with pytest.raises(FileNotFoundError, match="cifar10"):
     training.train_and_evaluate(

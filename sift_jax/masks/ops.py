@@ -104,18 +104,22 @@ def init_masks(key: jax.Array, params: Any, densities: Any) -> Any:
   leaves = jax.tree.leaves(params)
   dens = jax.tree.leaves(densities)
   keys = jax.random.split(key, max(len(leaves), 1))
-  out = []
+  out: list = [None] * len(leaves)
+  sel_idx, sel_keys, sel_ks, sel_seeds = [], [], [], []
   for i, (leaf, d) in enumerate(zip(leaves, dens)):
     shape = tuple(np.shape(leaf))
     size = int(np.prod(shape)) if shape else 1
     n = target_count(float(d), size)
     if n >= size:
-      out.append(jnp.ones(shape, jnp.bool_))
+      out[i] = jnp.ones(shape, jnp.bool_)
       continue
     k_score, k_tie = jax.random.split(keys[i])
-    scores = jax.random.bits(k_score, shape, jnp.uint32) >> 1
-    seed = jax.random.bits(k_tie, (), jnp.uint32)
-    out.append(topk.select_top_k(scores.astype(jnp.int32), n, seed))
+    sel_idx.append(i)
+    sel_keys.append((jax.random.bits(k_score, shape, jnp.uint32) >> 1).astype(jnp.int32))
+    sel_ks.append(n)
+    sel_seeds.append(jax.random.bits(k_tie, (), jnp.uint32))
+  for i, m in zip(sel_idx, topk.select_top_k_many(sel_keys, sel_ks, sel_seeds)):
+    out[i] = m
   return jax.tree.unflatten(jax.tree.structure(params), out)
 
 

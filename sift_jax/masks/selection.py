@@ -22,7 +22,7 @@ from sift_jax.masks import tree_paths
 __all__ = ["SparsityPolicy", "LeafDecision", "select_sparse", "explain_selection"]
 
 _log = logging.getLogger("sift_jax")
-_LOGGED: set[tuple[int, Any]] = set()
+_LOGGED: set[tuple[Any, Any]] = set()
 
 LeafPredicate = Callable[[str, Any], Optional[bool]]
 
@@ -169,7 +169,13 @@ def select_sparse(params: Any, policy: Optional[SparsityPolicy] = None, *,
         f"SparsityPolicy selects no sparse leaf among {len(decisions)} leaves "
         f"({paths}{', ...' if len(decisions) > 20 else ''}); policy={policy!r}")
   treedef = jax.tree.structure(params)
-  log_key = (id(policy), tuple((d.path, d.sparse) for d in decisions))
+  # Log once per distinct (policy, decisions): equal policies built anew (for
+  # instance by every get_model call) do not log again.
+  try:
+    policy_key = hash(policy) and policy
+  except TypeError:  # unhashable user callable
+    policy_key = id(policy)
+  log_key = (policy_key, tuple((d.path, d.sparse, d.rule) for d in decisions))
   if log_key not in _LOGGED:
     _LOGGED.add(log_key)
     for d in decisions:

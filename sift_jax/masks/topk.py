@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-__all__ = ["float_keys", "flat_index_hash", "select_top_k"]
+__all__ = ["float_keys", "flat_index_hash", "select_top_k", "select_top_k_many"]
 
 EXCLUDED = -1  # key of positions that must not be selected
 
@@ -68,15 +68,38 @@ def flat_index_hash(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
   return _fmix32(_fmix32(idx ^ seed) + (seed * jnp.uint32(0x9E3779B9) + jnp.uint32(1)))
 
 
-def _radix_threshold(keys: jax.Array, k: jax.Array, nbits: int, dtype) -> jax.Array:
-  """Largest t (bit-built from the top) with ``count(keys >= t) >= k``."""
+def _radix_thresholds(keys: list[jax.Array], ks: jax.Array, nbits: int, dtype) -> jax.Array:
+  """Per tensor i, the largest t (built bit by bit) with ``count(keys[i] >= t) >= ks[i]``.
 
-  def body(b, prefix):
-    cand = prefix | (jnp.asarray(1, dtype) << (nbits - 1 - b).astype(dtype))
-    enough = jnp.sum(keys >= cand, dtype=jnp.int32) >= k
-    return jnp.where(enough, cand, prefix)
+  All tensors are searched in one loop, so a model with many layers compiles
+  one small while loop rather than one per layer.
+  """
 
-  return lax.fori_loop(0, nbits, body, jnp.zeros((), dtype))
+  def body(b, prefixes):
+    bit = jnp.asarray(1, dtype) << (nbits - 1 - b).astype(dtype)
+    cands = prefixes | bit
+    counts = jnp.stack([jnp.sum(k >= cands[i], dtype=jnp.int32) for i, k in enumerate(keys)])
+    return jnp.where(counts >= ks, cands, prefixes)
+
+  return lax.fori_loop(0, nbits, body, jnp.zeros((len(keys),), dtype))
+
+
+def select_top_k_many(keys: list[jax.Array], ks: list[jax.Array], seeds: list[jax.Array]) -> list[jax.Array]:
+  """:func:`select_top_k` for several tensors at once (two loops in all)."""
+  if not keys:
+    return []
+  n_cand = jnp.stack([jnp.sum(k >= 0, dtype=jnp.int32) for k in keys])
+  ks = jnp.minimum(jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), n_cand)
+  thresholds = _radix_thresholds(keys, ks, 31, jnp.int32)
+  above = [k > thresholds[i] for i, k in enumerate(keys)]
+  ties = [k == thresholds[i] for i, k in enumerate(keys)]
+  remaining = ks - jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in above])
+  hashes = [jnp.where(t, flat_index_hash(k.shape, seed), jnp.uint32(0))
+            for k, t, seed in zip(keys, ties, seeds)]
+  # Among ties, take the `remaining` largest hashes (all distinct, so exact).
+  hash_thresholds = _radix_thresholds(hashes, remaining, 32, jnp.uint32)
+  return [(above[i] | (ties[i] & (hashes[i] >= hash_thresholds[i]) & (remaining[i] > 0))) & (ks[i] > 0)
+          for i in range(len(keys))]
 
 
 def select_top_k(keys: jax.Array, k: jax.Array, seed: jax.Array) -> jax.Array:
@@ -91,13 +114,4 @@ def select_top_k(keys: jax.Array, k: jax.Array, seed: jax.Array) -> jax.Array:
   Returns:
     A bool array of ``keys.shape``.
   """
-  k = jnp.minimum(jnp.asarray(k, jnp.int32), jnp.sum(keys >= 0, dtype=jnp.int32))
-  threshold = _radix_threshold(keys, k, 31, jnp.int32)
-  above = keys > threshold
-  ties = keys == threshold
-  remaining = k - jnp.sum(above, dtype=jnp.int32)
-  hashes = jnp.where(ties, flat_index_hash(keys.shape, seed), jnp.uint32(0))
-  # Among ties, take the `remaining` largest hashes (all distinct, so exact).
-  hash_threshold = _radix_threshold(jnp.where(ties, hashes, jnp.uint32(0)), remaining, 32, jnp.uint32)
-  chosen_ties = ties & (hashes >= hash_threshold) & (remaining > 0)
-  return (above | chosen_ties) & (k > 0)
+  return select_top_k_many([keys], [k], [seed])[0]

@@ -75,6 +75,23 @@ class _MLP(nn.Module):
                            use_running_average=not train)(x)
 
 
+class _Block(nn.Module):
+  num_heads: int
+  head_dim: int
+  width: int
+  mlp_width: int
+  out_init: nn.initializers.Initializer
+  sift: FamilyConfig
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    h = nn.LayerNorm(epsilon=1e-5, name="ln_1")(x)
+    x = x + _Attention(self.num_heads, self.head_dim, self.width, self.out_init, self.sift,
+                       name="attn")(h, train)
+    h = nn.LayerNorm(epsilon=1e-5, name="ln_2")(x)
+    return x + _MLP(self.mlp_width, self.width, self.out_init, self.sift, name="mlp")(h, train)
+
+
 class GPT(nn.Module):
   """Causal language model over token ids of shape ``(batch, time)``.
 
@@ -122,20 +139,3 @@ class GPT(nn.Module):
     if self.tie_embeddings:  # GPT-2/GPT-3: the LM head is the transposed token embedding
       return embed.attend(x)
     return nn.Dense(self.vocab_size, use_bias=False, kernel_init=init, name="head")(x)
-
-
-class _Block(nn.Module):
-  num_heads: int
-  head_dim: int
-  width: int
-  mlp_width: int
-  out_init: nn.initializers.Initializer
-  sift: FamilyConfig
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    h = nn.LayerNorm(epsilon=1e-5, name="ln_1")(x)
-    x = x + _Attention(self.num_heads, self.head_dim, self.width, self.out_init, self.sift,
-                       name="attn")(h, train)
-    h = nn.LayerNorm(epsilon=1e-5, name="ln_2")(x)
-    return x + _MLP(self.mlp_width, self.width, self.out_init, self.sift, name="mlp")(h, train)

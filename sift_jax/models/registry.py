@@ -13,7 +13,6 @@ sparsity that makes the sparse forward MACs equal the dense model's
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -34,7 +33,7 @@ from sift_jax.transformations.family import FamilyConfig
 __all__ = ["ModelSpec", "get_model", "list_models", "describe_transformed"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ModelSpec:
   """A model, the masks it trains with, and its iso-FLOP sparsity.
 

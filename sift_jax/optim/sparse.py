@@ -174,34 +174,40 @@ def _sparse_transformation(
     def mask_update_step(_):
       drop_frac = schedule.drop_fraction_at(state.count)
       base_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-      new_masks, keep_both, new_updates = [], [], []
+      step_us = [u if optimizer_step_on_update else jnp.zeros_like(u) for u in u_leaves]
+      idx = [i for i, flag in enumerate(flags) if flag]
+      seeds = [jax.random.bits(jax.random.fold_in(base_key, i), (2,), jnp.uint32) for i in idx]
+      # Drop: keep the n_active - n_drop largest |w| of every sparse tensor.
+      # Weights are ranked after the optimizer step (reference code) or as
+      # they are (original RigL, which skips that step).
+      n_active = [jnp.sum(m_leaves[i], dtype=jnp.int32) for i in idx]
+      n_drop = [jnp.floor(drop_frac * n.astype(jnp.float32)).astype(jnp.int32) for n in n_active]
+      drop_keys = [topk.float_keys(p_leaves[i] + step_us[i], m_leaves[i]) for i in idx]
+      kept = topk.select_top_k_many(drop_keys, [n - d for n, d in zip(n_active, n_drop)],
+                                    [sd[0] for sd in seeds])
+      # Grow: among all positions not kept (just-dropped ones included),
+      # activate the n_drop largest dense |g| (RigL) or random ones (SET).
+      if method == "rigl":
+        grow_keys = [topk.float_keys(g_leaves[i], ~kp) for i, kp in zip(idx, kept)]
+      else:
+        grow_keys = []
+        for i, kp in zip(idx, kept):
+          rand = jax.random.bits(jax.random.fold_in(base_key, 10_000 + i), kp.shape, jnp.uint32) >> 1
+          grow_keys.append(jnp.where(~kp, rand.astype(jnp.int32), topk.EXCLUDED))
+      grown = topk.select_top_k_many(grow_keys, n_drop, [sd[1] for sd in seeds])
+
+      new_masks = list(m_leaves)
+      keep_both: list[Any] = [True] * len(m_leaves)
+      new_updates = [zero_inactive(su, p, m) for su, p, m in zip(step_us, p_leaves, m_leaves)]
       total_drop = jnp.zeros((), jnp.int32)
       total_grow = jnp.zeros((), jnp.int32)
-      for i, (p, g, m, u, flag) in enumerate(zip(p_leaves, g_leaves, m_leaves, u_leaves, flags)):
-        step_u = u if optimizer_step_on_update else jnp.zeros_like(u)
-        if not flag:
-          new_masks.append(m)
-          keep_both.append(True)
-          new_updates.append(zero_inactive(step_u, p, m))
-          continue
-        seeds = jax.random.bits(jax.random.fold_in(base_key, i), (3,), jnp.uint32)
-        # Weights ranked for dropping: after the optimizer step (reference
-        # code) or as they are (original RigL, which skips that step).
-        w = jnp.where(m, p + step_u, jnp.zeros_like(p))
-        n_active = jnp.sum(m, dtype=jnp.int32)
-        n_drop = jnp.floor(drop_frac * n_active.astype(jnp.float32)).astype(jnp.int32)
-        kept = topk.select_top_k(topk.float_keys(w, m), n_active - n_drop, seeds[0])
-        if method == "rigl":
-          grow_keys = topk.float_keys(g, ~kept)  # dense gradient, not masked
-        else:  # SET: uniform random growth among the free positions
-          rand = jax.random.bits(jax.random.fold_in(base_key, 10_000 + i), p.shape, jnp.uint32) >> 1
-          grow_keys = jnp.where(~kept, rand.astype(jnp.int32), topk.EXCLUDED)
-        grown = topk.select_top_k(grow_keys, n_drop, seeds[1])
-        new_m = kept | grown
+      for i, kp, gr in zip(idx, kept, grown):
+        m, p = m_leaves[i], p_leaves[i]
+        new_m = kp | gr
         both = new_m & m  # active before and after: keeps value and moments
-        new_masks.append(new_m)
-        keep_both.append(both)
-        new_updates.append(jnp.where(both, step_u, -p).astype(u.dtype))
+        new_masks[i] = new_m
+        keep_both[i] = both
+        new_updates[i] = jnp.where(both, step_us[i], -p).astype(u_leaves[i].dtype)
         total_drop = total_drop + jnp.sum(m & ~new_m, dtype=jnp.int32)
         total_grow = total_grow + jnp.sum(new_m & ~m, dtype=jnp.int32)
       base_inner = inner_state if optimizer_step_on_update else state.inner_state

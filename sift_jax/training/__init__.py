@@ -10,6 +10,7 @@ from sift_jax.training.optimizers import (is_sparse_run, make_inner_optimizer, m
                                           make_schedule, weight_decay_mask)
 from sift_jax.training.state import TrainState, make_init_fn
 from sift_jax.training.step import cross_entropy, make_eval_step, make_train_step
+from sift_jax.training.sweep import SweepRun, aggregate, family_grid, format_table, run_sweep
 
 __all__ = [
     "COMPUTE_DTYPES", "Checkpointer", "IncompatibleCheckpointError", "MetricsWriter",
@@ -18,4 +19,5 @@ __all__ = [
     "evaluate", "flatten_config", "is_sparse_run", "make_eval_step", "make_inner_optimizer",
     "make_init_fn", "make_optimizer", "make_schedule", "make_train_step", "read_metrics",
     "state_fingerprint", "train_and_evaluate", "validate_config", "weight_decay_mask",
+    "SweepRun", "aggregate", "family_grid", "format_table", "run_sweep",
 ]

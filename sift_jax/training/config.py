@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     schedule.name: ``constant``, ``step`` (x ``decay_factor`` every
       ``step_epochs``), ``multistep`` (x ``decay_factor`` at each of
       ``boundaries_epochs``) or ``cosine`` (to ``end_value`` after an optional
-      linear warmup of ``warmup_epochs``).
+      linear warmup of ``warmup_steps``, or if that is 0 ``warmup_epochs``).
     training.num_epochs / num_steps: Training length; ``num_steps > 0`` wins.
     training.batch_size: Global batch size of one optimizer step.
     training.grad_accum_steps: Micro-batches per step (``lax.scan``).
@@ -105,6 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "cosine"
   c.schedule.warmup_epochs = 0.0
+  c.schedule.warmup_steps = 0
   c.schedule.end_value = 0.0
   c.schedule.decay_factor = 0.2
   c.schedule.step_epochs = 30.0
@@ -216,6 +217,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(c.schedule.name in SCHEDULES, "schedule.name", c.schedule.name, f"must be one of {SCHEDULES}")
   _check(float(c.schedule.warmup_epochs) >= 0, "schedule.warmup_epochs", c.schedule.warmup_epochs,
          "must be >= 0")
+  _check(isinstance(c.schedule.warmup_steps, int) and c.schedule.warmup_steps >= 0,
+         "schedule.warmup_steps", c.schedule.warmup_steps, "must be an int >= 0")
   _check(0 < float(c.schedule.decay_factor) <= 1, "schedule.decay_factor", c.schedule.decay_factor,
          "must be in (0, 1]")
   _check(float(c.schedule.step_epochs) > 0, "schedule.step_epochs", c.schedule.step_epochs, "must be > 0")

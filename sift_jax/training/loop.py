@@ -86,6 +86,7 @@ class RunFunctions:
     abstract_state: ``jax.ShapeDtypeStruct`` tree of the state with shardings.
     state_shardings: NamedSharding tree of the state.
     batch_sharding: NamedSharding of batches (leading axis over ``data``).
+    input_key: Batch key of the model input (``image`` or ``inputs``).
     schedule: The learning-rate schedule.
     total_steps: Training length.
     steps_per_epoch: Optimizer steps per epoch.
@@ -99,6 +100,7 @@ class RunFunctions:
   abstract_state: Any
   state_shardings: Any
   batch_sharding: NamedSharding
+  input_key: str
   schedule: Any
   total_steps: int
   steps_per_epoch: int
@@ -166,7 +168,7 @@ def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, tra
     return _CACHE[key]
 
   spec = (get_model or _default_get_model)(config.model.name, **_model_kwargs(config, train_info))
-  if tuple(spec.input_shape) != tuple(train_info.input_shape):
+  if int(np.prod(spec.input_shape)) != int(np.prod(train_info.input_shape)):
     raise ValueError(f"model {config.model.name!r} expects inputs of shape {tuple(spec.input_shape)}, "
                      f"dataset {config.dataset.name!r} gives {tuple(train_info.input_shape)}")
   solved = getattr(spec, "solved_sparsity", None)
@@ -212,7 +214,7 @@ def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, tra
                          out_shardings=(state_shardings, repl), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=repl),
       abstract_state=abstract_state, state_shardings=state_shardings, batch_sharding=batch_sharding,
-      schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+      input_key=input_key, schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   if get_model is None:
     _CACHE[key] = funcs
     while len(_CACHE) > _CACHE_SIZE:
@@ -229,10 +231,20 @@ def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return sharding_lib.make_mesh(data, model, devices=devices)
 
 
-def _global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, global_size: int) -> dict:
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v),
-                                                    (global_size, *np.shape(v)[1:]))
-          for k, v in local.items()}
+def _global_batch(local: Mapping[str, np.ndarray], funcs: RunFunctions, global_size: int) -> dict:
+  """Global arrays sharded over ``data`` from this process's part of a batch.
+
+  The model input is reshaped to the model's per-example shape when only the
+  layout differs (MNIST-1D signals ``(40,)`` for a ``(40, 1)`` conv net).
+  """
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    if k == funcs.input_key:
+      v = v.reshape((v.shape[0], *funcs.spec.input_shape))
+    out[k] = jax.make_array_from_process_local_data(funcs.batch_sharding, v,
+                                                    (global_size, *v.shape[1:]))
+  return out
 
 
 def _dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -287,7 +299,7 @@ def evaluate(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict)
       padded = {k: np.concatenate([v, np.zeros((local_bs - n, *v.shape[1:]), v.dtype)])
                 for k, v in local.items()}
       padded["weight"] = (np.arange(local_bs) < n).astype(np.float32)
-      sums.append(funcs.eval_step(state, _global_batch(padded, funcs.batch_sharding, bs)))
+      sums.append(funcs.eval_step(state, _global_batch(padded, funcs, bs)))
   sums = jax.device_get(sums)
   total = {k: float(sum(np.float64(s[k]) for s in sums)) for k in ("loss_sum", "correct_sum", "count")}
   if total["count"] == 0:
@@ -299,9 +311,14 @@ def evaluate(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict)
   return out
 
 
+@jax.jit
+def _count_nonzero(masks: Any) -> Any:
+  return jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), masks)
+
+
 def _mask_densities(masks: Any) -> Any:
   """Per-leaf ``nnz / size`` as Python floats (works for sharded, multi-host masks)."""
-  counts = jax.jit(lambda ms: jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), ms))(masks)
+  counts = _count_nonzero(masks)
   return jax.tree.map(lambda c, m: int(c) / int(np.prod(m.shape)), jax.device_get(counts), masks)
 
 
@@ -442,6 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   preempted = False
   window_start = time.time()
   wall_before = float(loop_state["wall_seconds"])
+  multi_process = jax.process_count() > 1
 
   checked = [0]  # pending[:checked[0]] have finite losses
 
@@ -494,7 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       step = start_step
       while step < total_steps:
         local = next(train_iter)
-        batch = _global_batch(local, funcs.batch_sharding, int(t.batch_size))
+        batch = _global_batch(local, funcs, int(t.batch_size))
         state, metrics = funcs.train_step(state, batch)
         pending.append((step, metrics))
         step += 1
@@ -502,14 +520,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           hook(step, state)
         if progress is not None:
           progress.update(1)
-        stop = preemption.requested
-        if jax.process_count() > 1:
-          stop = stop or ckpt.reached_preemption(step)
         boundary = lambda every: every > 0 and step % every == 0  # noqa: E731
+        if multi_process:
+          # Every process must stop at the same step: the JAX preemption service
+          # (TPU pods) syncs each step; a local SIGTERM is shared at log steps.
+          stop = ckpt.reached_preemption(step)
+          if not stop and boundary(t.log_every_steps or 100):
+            stop = _any_process(preemption.requested)
+        else:
+          stop = preemption.requested
         if boundary(t.log_every_steps) or stop:
           flush(step)
-          if jax.process_count() > 1 and not stop:
-            stop = _any_process(preemption.requested)
         if boundary(t.eval_every_steps) and step < total_steps:
           last_eval = do_eval(step)
         if (boundary(t.checkpoint_every_steps) and step < total_steps) or stop:
@@ -523,6 +544,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_eval = do_eval(step)
         if last_saved != step:
           save(step)
+  except BaseException:
+    writer.close()
+    raise
   finally:
     train_iter.close()
     ckpt.close()

@@ -61,10 +61,14 @@ def make_schedule(config: ml_collections.ConfigDict, *, total_steps: int,
                   for e in sched.boundaries_epochs}
     return optax.piecewise_constant_schedule(lr, boundaries)
   if sched.name == "cosine":
-    warmup = _epochs_to_steps(sched.warmup_epochs, steps_per_epoch)
+    if sched.warmup_steps > 0:
+      warmup, what = int(sched.warmup_steps), f"config.schedule.warmup_steps={sched.warmup_steps}"
+    else:
+      warmup = _epochs_to_steps(sched.warmup_epochs, steps_per_epoch)
+      what = f"config.schedule.warmup_epochs={sched.warmup_epochs}"
     if warmup >= total_steps:
-      raise ValueError(f"config.schedule.warmup_epochs={sched.warmup_epochs} gives {warmup} warmup "
-                       f"steps, not fewer than the {total_steps} training steps")
+      raise ValueError(f"{what} gives {warmup} warmup steps, not fewer than the {total_steps} "
+                       "training steps")
     if warmup == 0:
       return optax.cosine_decay_schedule(lr, decay_steps=total_steps,
                                          alpha=float(sched.end_value) / lr)

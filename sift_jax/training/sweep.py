@@ -32,7 +32,7 @@ import numpy as np
 from sift_jax.training import config as config_lib
 from sift_jax.training import loop
 
-__all__ = ["SweepRun", "run_sweep", "aggregate", "format_table", "load_config_module",
+__all__ = ["SweepRun", "MEMBERS", "family_grid", "run_sweep", "aggregate", "format_table", "load_config_module",
            "runs_from_module", "main"]
 
 
@@ -42,6 +42,33 @@ class SweepRun:
 
   name: str
   overrides: Mapping[str, Any]
+
+
+MEMBERS = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+
+
+def family_grid(*, sparsities: Sequence[float] = (0.5, 0.75, 0.9),
+                members: Sequence[str] = MEMBERS, method: str = "rigl",
+                static_members: Sequence[str] = ("sparse_wide",),
+                include_dense: bool = True) -> list[SweepRun]:
+  """The paper's grid: the dense baseline, every member x sparsity with ``method``,
+  and ``static_members`` x sparsity with static masks.
+
+  Run names: ``"dense"``, ``"<member>-<s>-<method>"`` (e.g. ``"sparse_wide-0.9-rigl"``).
+  """
+  runs = [SweepRun("dense", {"model.family": "dense", "model.sparsity": 0.0,
+                             "sparse.method": "none"})] if include_dense else []
+  for member in members:
+    for s in sparsities:
+      runs.append(SweepRun(f"{member}-{s:g}-{method}", {"model.family": member,
+                                                        "model.sparsity": float(s),
+                                                        "sparse.method": method}))
+  for member in static_members:
+    for s in sparsities:
+      runs.append(SweepRun(f"{member}-{s:g}-static", {"model.family": member,
+                                                      "model.sparsity": float(s),
+                                                      "sparse.method": "static"}))
+  return runs
 
 
 def _as_run(item: Any) -> SweepRun:

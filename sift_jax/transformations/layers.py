@@ -140,6 +140,19 @@ def _where(module: nn.Module) -> str:
   return f"{type(module).__name__} {path or module.name!r}"
 
 
+def _rank(module: nn.Module, rule: Callable[..., int], x: jnp.ndarray) -> int:
+  """``module.rank``, or the rank ``rule`` gives for the template on input ``x``."""
+  layer_kind(module.layer)  # validates the template even when the rank is given
+  rank = module.rank
+  if rank is None:
+    d_in, d_out = template_dims(module.layer, x.shape)
+    rank = rule(d_in, d_out, module.sparsity, round_to=module.round_to,
+                reference=module.reference, what=f"{_where(module)} rank")
+  if int(rank) < 1:
+    raise ValueError(f"{_where(module)}: rank must be >= 1, got {rank!r}")
+  return int(rank)
+
+
 class SparseParallel(nn.Module):
   """Sparse Parallel: ``n`` copies of the layer on the same input, outputs summed.
 
@@ -225,13 +238,7 @@ class SparseFactorized(nn.Module):
   def __call__(self, x: jnp.ndarray, use_running_average: Optional[bool] = None) -> jnp.ndarray:
     if self.mid not in FACTORIZED_MIDS:
       raise ValueError(f"{_where(self)}: mid must be one of {FACTORIZED_MIDS}, got {self.mid!r}")
-    d_in, d_out = template_dims(self.layer, x.shape)
-    rank = self.rank
-    if rank is None:
-      rank = sizes.sparse_factorized_rank(d_in, d_out, self.sparsity, round_to=self.round_to,
-                                          reference=self.reference, what=f"{_where(self)} rank")
-    if int(rank) < 1:
-      raise ValueError(f"{_where(self)}: rank must be >= 1, got {rank!r}")
+    rank = _rank(self, sizes.sparse_factorized_rank, x)
     y = _u_copy(self.layer, rank, "U")(x)
     if self.mid != "linear":
       ura = (nn.merge_param("use_running_average", self.use_running_average, use_running_average)
@@ -267,13 +274,7 @@ class SparseDoped(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    d_in, d_out = template_dims(self.layer, x.shape)
-    rank = self.rank
-    if rank is None:
-      rank = sizes.sparse_doped_rank(d_in, d_out, self.sparsity, round_to=self.round_to,
-                                     reference=self.reference, what=f"{_where(self)} rank")
-    if int(rank) < 1:
-      raise ValueError(f"{_where(self)}: rank must be >= 1, got {rank!r}")
+    rank = _rank(self, sizes.sparse_doped_rank, x)
     sparse = self.layer.copy(name="S")(x)
     low_rank = _v_copy(self.layer, "V", False)(_u_copy(self.layer, rank, "U")(x))
     return sparse + low_rank

@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 from sift_jax.masks.densities import check_sparsity
@@ -51,9 +52,13 @@ def check_family(family: str) -> str:
 
 def check_round_to(round_to: int) -> int:
   """Returns ``round_to`` as an int >= 1, else raises ValueError."""
-  if isinstance(round_to, bool) or not isinstance(round_to, (int,)) or round_to < 1:
+  try:
+    value = operator.index(round_to)
+  except TypeError:
+    value = None
+  if isinstance(round_to, bool) or value is None or value < 1:
     raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
-  return int(round_to)
+  return int(value)
 
 
 def round_to_multiple(value: float, multiple: int = 1, *, what: str = "size") -> int:

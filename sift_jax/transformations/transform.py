@@ -36,8 +36,6 @@ model needs no new variable collection (``batch_stats``).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import re
 import threading
 from typing import Any, Optional, Sequence
@@ -234,8 +232,17 @@ class TransformedModel(nn.Module):
                          "nn.Conv layer; nothing to transform")
       output_layers = ("^" + re.escape(calls[-1]) + "$",)
     interceptor = _Interceptor(self, root, output_layers or ())
-    with nn.intercept_methods(interceptor):
-      out = self.wrapped.module.clone(parent=self.scope)(*args, **kwargs)
+    try:
+      with nn.intercept_methods(interceptor):
+        out = self.wrapped.module.clone(parent=self.scope)(*args, **kwargs)
+    except TypeError as e:
+      if self.config.family != "sparse_wide":
+        raise
+      # Typically an add of a widened branch to an unwidened residual stream.
+      raise ValueError(
+          f"transform(): {self.wrapped!r} failed under Sparse Wide ({e}); pass output_layers= with "
+          "the layers that write the model output and any residual stream (layers widened: "
+          f"{interceptor.transformed})") from e
     if self.config.family != "dense" and not interceptor.transformed:
       raise ValueError(
           f"transform(): no layer of {self.wrapped!r} was transformed to {self.config.family}; "
@@ -348,6 +355,8 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
     raise ValueError(f"transform() expects a flax.linen Module, got {type(model).__name__}")
   config = FamilyConfig(family=family, sparsity=sparsity, reference=reference, round_to=round_to,
                         factorized_mid=factorized_mid, norm="layer", parallel_norm=parallel_norm)
+  layers = (layers,) if isinstance(layers, str) else layers
+  output_layers = (output_layers,) if isinstance(output_layers, str) else output_layers
   for name, pats in (("layers", layers), ("output_layers", output_layers)):
     for p in (pats or ()):
       try:
