@@ -174,7 +174,7 @@ def main(argv=None):
   header = (f"MNIST-1D ({cfg['model']['name']}: {model_kwargs}), "
             f"{records[0]['summary']['total_steps']} steps of batch {cfg['training']['batch_size']}, "
             f"{cfg['optimizer']['name']} lr {cfg['optimizer']['learning_rate']}; "
-            f"{len(seeds)} seed(s); accuracy = final eval accuracy on the 1000 test signals.\n"
+            f"{len(seeds)} seed(s); accuracy = final eval accuracy on the MNIST-1D test split.\n"
             "train FLOPs / dense: training FLOPs (SPEC section 5, RigL's dense-gradient steps "
             "included) over the dense baseline's; fwd FLOPs / dense: sparse forward FLOPs per "
             "example over the dense model's (1.000 = iso-FLOP).\n")

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import ml_collections
 import numpy as np
 import optax
 import pytest

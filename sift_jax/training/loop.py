@@ -382,7 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: Run directory: ``checkpoints/``, ``metrics.jsonl``,
       ``tensorboard/`` and ``summary.json``.
     hooks: Called as ``hook(step, state)`` after each step (``step`` = steps
-      done); for tests and custom monitoring.
+      done); for tests and custom monitoring. The state's buffers are donated
+      to the next step: keep a copy (``jax.device_get``), not the arrays.
     get_model: Model factory (default :func:`sift_jax.models.get_model`).
 
   Returns:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Optional
 
-import jax
 import ml_collections
 import optax
 
@@ -21,7 +20,7 @@ from sift_jax.masks import selection, tree_paths
 from sift_jax.optim import sparse as sparse_lib
 
 __all__ = ["make_schedule", "weight_decay_mask", "make_inner_optimizer", "make_optimizer",
-           "is_sparse_run"]
+           "is_sparse_run", "tree_has_sparse_state"]
 
 
 def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -178,7 +177,3 @@ def tree_has_sparse_state(opt_state: Any) -> bool:
   except ValueError:
     return False
   return True
-
-
-def count_params(params: Any) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(params)))
