@@ -186,8 +186,9 @@ def test_init_masks_positions_are_uniform():
   params = {"w": jnp.zeros((5, 8))}
   dens = {"w": 0.25}
   hits = np.zeros(40)
+  draw = jax.jit(lambda k: sift_jax.init_masks(k, params, dens)["w"])
   for seed in range(400):
-    hits += np.asarray(sift_jax.init_masks(jax.random.key(seed), params, dens)["w"]).ravel()
+    hits += np.asarray(draw(jax.random.key(seed))).ravel()
   assert hits.sum() == 400 * 10
   # Binomial(400, 0.25): mean 100, std ~8.7; every position within 5 std.
   assert np.all(np.abs(hits - 100) < 45), hits

@@ -50,9 +50,10 @@ def test_mask_updates_keep_counts_and_zeros(shapes, sparsity, opt, drop, seed, r
   def loss(p):
     return sum(jnp.sum(jnp.sin(v) * (i + 1)) for i, v in enumerate(jax.tree.leaves(p)))
 
+  update = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
   for _ in range(3):
     old = sift_jax.get_masks(state)
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    updates, state = update(params, state)
     params = optax.apply_updates(params, updates)
     for p, m, o, d in zip(jax.tree.leaves(params), jax.tree.leaves(sift_jax.get_masks(state)),
                           jax.tree.leaves(old), jax.tree.leaves(dens)):

@@ -94,6 +94,32 @@ def _exact_sparse_macs(macs: flops.MacCount, params: Any, policy: selection.Spar
   return flops.flops_report(macs, params, densities=densities).sparse_macs
 
 
+def _refine_for_exact_counts(sparse_macs_fn: Callable[[float], float], budget: float,
+                             solved: float, *, tolerance: float = 1e-3) -> float:
+  """Moves the closed-form sparsity so exact-count masks meet the budget.
+
+  Masks hold ``round(d * size)`` weights (at least one), so on small layers
+  the closed form, which assumes fractional counts, can miss the budget by
+  a few percent. When it misses by more than ``tolerance`` (relative), bisect
+  on the (non-increasing, step-shaped) exact cost and keep whichever side of
+  the crossing is closer to the budget. Large models keep the closed form.
+  """
+  cost = sparse_macs_fn(solved)
+  if abs(cost - budget) <= tolerance * budget:
+    return solved
+  lo, hi = 0.0, 1.0 - 1e-9  # cost(lo) >= cost(hi); find the crossing of the budget
+  if sparse_macs_fn(lo) < budget or sparse_macs_fn(hi) > budget:
+    return solved
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    if sparse_macs_fn(mid) > budget:
+      lo = mid
+    else:
+      hi = mid
+  best = min((solved, lo, hi), key=lambda x: abs(sparse_macs_fn(x) - budget))
+  return float(best)
+
+
 def reference_bisection(sparse_macs_fn: Callable[[float], float], budget: float, *,
                         tolerance: float = 1e-3, increment: float = 1e-4,
                         high: float = 0.9999) -> float:
@@ -167,6 +193,8 @@ def solve_sparsity(macs: flops.MacCount, params: Any, policy: Optional[selection
             f"{fixed + sparse_part:,.0f} MACs with all masks one, less than the dense budget "
             f"{budget:,}; it cannot be made iso-FLOP by masking")
       solved = 0.0
+    solved = _refine_for_exact_counts(lambda x: _exact_sparse_macs(macs, params, policy, x),
+                                      budget, solved)
   elif method == "reference_bisection":
     solved = reference_bisection(lambda s: _exact_sparse_macs(macs, params, policy, s), budget)
   else:
