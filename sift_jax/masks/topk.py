@@ -94,12 +94,23 @@ def select_top_k_many(keys: list[jax.Array], ks: list[jax.Array], seeds: list[ja
   above = [k > thresholds[i] for i, k in enumerate(keys)]
   ties = [k == thresholds[i] for i, k in enumerate(keys)]
   remaining = ks - jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in above])
-  hashes = [jnp.where(t, flat_index_hash(k.shape, seed), jnp.uint32(0))
-            for k, t, seed in zip(keys, ties, seeds)]
-  # Among ties, take the `remaining` largest hashes (all distinct, so exact).
-  hash_thresholds = _radix_thresholds(hashes, remaining, 32, jnp.uint32)
-  return [(above[i] | (ties[i] & (hashes[i] >= hash_thresholds[i]) & (remaining[i] > 0))) & (ks[i] > 0)
-          for i in range(len(keys))]
+  tie_counts = jnp.stack([jnp.sum(t, dtype=jnp.int32) for t in ties])
+
+  def take_all_ties(_):
+    # Every tensor needs all of its ties (the usual case for float scores).
+    return [(above[i] | (ties[i] & (remaining[i] > 0))) & (ks[i] > 0) for i in range(len(keys))]
+
+  def break_ties(_):
+    hashes = [jnp.where(t, flat_index_hash(k.shape, seed), jnp.uint32(0))
+              for k, t, seed in zip(keys, ties, seeds)]
+    # Among ties, take the `remaining` largest hashes (all distinct, so exact).
+    hash_thresholds = _radix_thresholds(hashes, remaining, 32, jnp.uint32)
+    return [(above[i] | (ties[i] & (hashes[i] >= hash_thresholds[i]) & (remaining[i] > 0))) & (ks[i] > 0)
+            for i in range(len(keys))]
+
+  # The second search only runs when some tensor has more ties at its
+  # threshold than it may take (bf16 weights, zero gradients, SET's draws).
+  return lax.cond(jnp.any(tie_counts > remaining), break_ties, take_all_ties, None)
 
 
 def select_top_k(keys: jax.Array, k: jax.Array, seed: jax.Array) -> jax.Array:

@@ -166,20 +166,28 @@ def _sparse_transformation(
       # The update of an inactive weight is -p, so it is exactly 0 afterwards.
       return jnp.where(m, u, -p).astype(u.dtype)
 
-    def plain_step(_):
+    if method == "static":
       new_updates = [zero_inactive(u, p, m) for u, p, m in zip(u_leaves, p_leaves, m_leaves)]
-      return (jax.tree.unflatten(treedef, new_updates), inner_state, cur_masks, state.stats.ever_active,
-              jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+      new_state = SparseState(count=state.count + 1, masks=cur_masks, inner_state=inner_state,
+                              key=state.key, stats=state.stats)
+      return jax.tree.unflatten(treedef, new_updates), new_state
 
-    def mask_update_step(_):
+    idx = [i for i, flag in enumerate(flags) if flag]
+    ever_leaves = treedef.flatten_up_to(state.stats.ever_active)
+    is_update = schedule.is_update_step(state.count)
+    # Weights ranked for dropping: after the optimizer step (reference code)
+    # or as they are (original RigL, which skips that step on update steps).
+    step_us = [u if optimizer_step_on_update else jnp.where(is_update, jnp.zeros_like(u), u)
+               for u in u_leaves]
+
+    def select_masks(_):
+      # Only the mask selection is under lax.cond: the update itself is the
+      # same elementwise expression on every step, so ordinary steps pay for
+      # a predicate, not for a second copy of the update.
       drop_frac = schedule.drop_fraction_at(state.count)
       base_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-      step_us = [u if optimizer_step_on_update else jnp.zeros_like(u) for u in u_leaves]
-      idx = [i for i, flag in enumerate(flags) if flag]
       seeds = [jax.random.bits(jax.random.fold_in(base_key, i), (2,), jnp.uint32) for i in idx]
       # Drop: keep the n_active - n_drop largest |w| of every sparse tensor.
-      # Weights are ranked after the optimizer step (reference code) or as
-      # they are (original RigL, which skips that step).
       n_active = [jnp.sum(m_leaves[i], dtype=jnp.int32) for i in idx]
       n_drop = [jnp.floor(drop_frac * n.astype(jnp.float32)).astype(jnp.int32) for n in n_active]
       drop_keys = [topk.float_keys(p_leaves[i] + step_us[i], m_leaves[i]) for i in idx]
@@ -195,42 +203,43 @@ def _sparse_transformation(
           rand = jax.random.bits(jax.random.fold_in(base_key, 10_000 + i), kp.shape, jnp.uint32) >> 1
           grow_keys.append(jnp.where(~kp, rand.astype(jnp.int32), topk.EXCLUDED))
       grown = topk.select_top_k_many(grow_keys, n_drop, [sd[1] for sd in seeds])
+      new_sparse = tuple(kp | gr for kp, gr in zip(kept, grown))
+      n_dropped = sum((jnp.sum(m_leaves[i] & ~nm, dtype=jnp.int32) for i, nm in zip(idx, new_sparse)),
+                      jnp.zeros((), jnp.int32))
+      n_grown = sum((jnp.sum(nm & ~m_leaves[i], dtype=jnp.int32) for i, nm in zip(idx, new_sparse)),
+                    jnp.zeros((), jnp.int32))
+      new_ever = tuple(ever_leaves[i] | nm for i, nm in zip(idx, new_sparse))
+      return new_sparse, new_ever, n_dropped, n_grown
 
-      new_masks = list(m_leaves)
-      keep_both: list[Any] = [True] * len(m_leaves)
-      new_updates = [zero_inactive(su, p, m) for su, p, m in zip(step_us, p_leaves, m_leaves)]
-      total_drop = jnp.zeros((), jnp.int32)
-      total_grow = jnp.zeros((), jnp.int32)
-      for i, kp, gr in zip(idx, kept, grown):
-        m, p = m_leaves[i], p_leaves[i]
-        new_m = kp | gr
-        both = new_m & m  # active before and after: keeps value and moments
-        new_masks[i] = new_m
-        keep_both[i] = both
-        new_updates[i] = jnp.where(both, step_us[i], -p).astype(u_leaves[i].dtype)
-        total_drop = total_drop + jnp.sum(m & ~new_m, dtype=jnp.int32)
-        total_grow = total_grow + jnp.sum(new_m & ~m, dtype=jnp.int32)
-      base_inner = inner_state if optimizer_step_on_update else state.inner_state
-      keep_tree = jax.tree.unflatten(treedef, keep_both)
-      reset_inner = optax.tree_map_params(inner, _reset_moments, base_inner, keep_tree)
-      new_mask_tree = jax.tree.unflatten(treedef, new_masks)
-      ever = jax.tree.map(jnp.logical_or, state.stats.ever_active, new_mask_tree)
-      return (jax.tree.unflatten(treedef, new_updates), reset_inner, new_mask_tree, ever,
-              total_drop, total_grow, jnp.ones((), jnp.int32))
+    def keep_masks(_):
+      zero = jnp.zeros((), jnp.int32)
+      return (tuple(m_leaves[i] for i in idx), tuple(ever_leaves[i] for i in idx), zero, zero)
 
-    if method == "static":
-      result = plain_step(None)
+    new_sparse, new_ever, n_drop, n_grow = lax.cond(is_update, select_masks, keep_masks, None)
+
+    new_masks, both, ever = list(m_leaves), list(m_leaves), list(ever_leaves)
+    for j, i in enumerate(idx):
+      new_masks[i] = new_sparse[j]
+      both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
+      ever[i] = new_ever[j]
+    new_updates = [zero_inactive(su, p, b) for su, p, b in zip(step_us, p_leaves, both)]
+    if optimizer_step_on_update:
+      base_inner = inner_state
     else:
-      result = lax.cond(schedule.is_update_step(state.count), mask_update_step, plain_step, None)
-    new_updates, new_inner, new_masks, ever, n_drop, n_grow, did_update = result
+      base_inner = jax.tree.map(lambda new, old: jnp.where(is_update, old, new), inner_state,
+                                state.inner_state)
+    keep_tree = jax.tree.unflatten(treedef, [both[i] if i in set(idx) else True
+                                             for i in range(len(both))])
+    new_inner = optax.tree_map_params(inner, _reset_moments, base_inner, keep_tree)
+    did_update = is_update.astype(jnp.int32)
     stats = SparseStats(
-        ever_active=ever,
-        num_dropped=jnp.where(did_update > 0, n_drop, state.stats.num_dropped),
-        num_grown=jnp.where(did_update > 0, n_grow, state.stats.num_grown),
+        ever_active=jax.tree.unflatten(treedef, ever),
+        num_dropped=jnp.where(is_update, n_drop, state.stats.num_dropped),
+        num_grown=jnp.where(is_update, n_grow, state.stats.num_grown),
         num_updates=state.stats.num_updates + did_update)
-    new_state = SparseState(count=state.count + 1, masks=new_masks, inner_state=new_inner,
-                            key=state.key, stats=stats)
-    return new_updates, new_state
+    new_state = SparseState(count=state.count + 1, masks=jax.tree.unflatten(treedef, new_masks),
+                            inner_state=new_inner, key=state.key, stats=stats)
+    return jax.tree.unflatten(treedef, new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

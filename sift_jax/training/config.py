@@ -58,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     training.compute_dtype: ``float32`` or ``bfloat16`` (parameters stay f32).
     training.label_smoothing: Label smoothing of the cross-entropy.
     training.log/eval/checkpoint_every_steps: Intervals (0 = only at the end).
+    training.spectral_every_steps: Spectral metrics of the masks every N steps (0 = off).
     training.keep_checkpoints: How many checkpoints to keep.
     training.progress_bar: Show a tqdm progress bar on process 0.
     mesh.data / mesh.model: Mesh axis sizes (``-1``: all remaining devices).
@@ -124,6 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.training.checkpoint_every_steps = 0
   c.training.keep_checkpoints = 3
   c.training.progress_bar = True
+  # Spectral metrics of the masks (sift_jax.spectral) every N steps into
+  # metrics.jsonl, and their trajectory plot; 0 = off. Host-side, sparse runs only.
+  c.training.spectral_every_steps = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -235,7 +239,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(value, int) and value >= 1, f"training.{key}", value, "must be an int >= 1")
   _check(t.batch_size % t.grad_accum_steps == 0, "training.batch_size", t.batch_size,
          f"must be divisible by training.grad_accum_steps={t.grad_accum_steps}")
-  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "spectral_every_steps"):
     _check(isinstance(t[key], int) and t[key] >= 0, f"training.{key}", t[key], "must be an int >= 0")
   _check(t.compute_dtype in COMPUTE_DTYPES, "training.compute_dtype", t.compute_dtype,
          f"must be one of {COMPUTE_DTYPES}")

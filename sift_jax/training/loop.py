@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from sift_jax import sharding as sharding_lib
+from sift_jax import spectral as spectral_lib
 from sift_jax.optim import sparse as sparse_lib
 from sift_jax.training import checkpointing
 from sift_jax.training import config as config_lib
@@ -371,6 +373,24 @@ def _run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "optimizer": config.optimizer.name, "dataset": config.dataset.name}
 
 
+def _spectral_hook(step: int, state: Any, *, every: int, writer: Any, records: list, is_main: bool) -> None:
+  """Logs the layer-mean spectral metrics of the masks (host side) every ``every`` steps."""
+  if step % every:
+    return
+  tree = (state.params, sparse_lib.get_masks(state.opt_state))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  if not is_main:
+    return
+  params, masks = jax.device_get(tree)
+  summary = spectral_lib.model_metrics(params, masks)["summary"]
+  finite = {k: float(v) for k, v in summary.items()
+            if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))}
+  writer.write(step, "spectral", finite)
+  records.append({"step": step, **finite})
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        hooks: Sequence[Callable[[int, Any], None]] = (),
                        get_model: Optional[Callable[..., Any]] = None) -> dict[str, Any]:
@@ -449,6 +469,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"{int(jax.device_get(state.step))}")
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  spectral_records: list[dict[str, Any]] = []
+  spectral_every = int(t.spectral_every_steps)  # validated >= 0 with the config
+  if spectral_every and optimizers.is_sparse_run(config):
+    hooks = tuple(hooks) + (functools.partial(_spectral_hook, every=spectral_every, writer=writer,
+                                              records=spectral_records, is_main=is_main),)
   progress = None
   if t.progress_bar and is_main:
     import tqdm  # pylint: disable=import-outside-toplevel
@@ -555,6 +580,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if progress is not None:
       progress.close()
 
+  if spectral_records and is_main:
+    spectral_lib.trajectory_plot({os.path.basename(os.path.normpath(workdir)): spectral_records},
+                                 os.path.join(workdir, "spectral_trajectory.png"))
   wall = wall_before + (time.time() - t_start)
   summary: dict[str, Any] = {"steps": int(step), "total_steps": total_steps, "preempted": preempted,
                              "wall_seconds": wall, "workdir": workdir}
