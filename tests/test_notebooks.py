@@ -12,6 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "notebooks"))
 import build  # noqa: E402  pylint: disable=g-import-not-at-top
 
+# The RigL-dynamics notebook shows its plots: counts and accuracy, the
+# spectral trajectory, and spectral metrics against accuracy.
+MIN_IMAGES = {"03_rigl_dynamics_mnist1d.py": 3}
+
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "notebooks", "src", "*.py")))
 
 
@@ -30,6 +34,8 @@ def test_committed_notebook_matches_source_and_has_outputs(src):
   assert sum(len(c.outputs) for c in code) >= len(code) // 2
   errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
   assert not errors
+  images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+  assert images >= MIN_IMAGES.get(os.path.basename(src), 0)
 
 
 @pytest.mark.parametrize("src", SOURCES, ids=os.path.basename)

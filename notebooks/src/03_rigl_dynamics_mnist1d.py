@@ -13,12 +13,13 @@
 # the `mnist1d` package.
 
 # %%
+import io
 import time
 
 import jax
 import jax.numpy as jnp
 import matplotlib
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # figures are rendered to PNG and displayed explicitly
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
@@ -28,6 +29,12 @@ import sift_jax
 from sift_jax import spectral
 from sift_jax.data import make_dataset
 from sift_jax.models import get_model
+
+def show(fig):
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+  plt.close(fig)
+  display(Image(data=buf.getvalue()))
 
 spec = get_model("mlp_mnist1d", family="sparse_wide", sparsity=0.75)
 print(f"{spec.name} / {spec.family}: nominal s = {spec.nominal_sparsity}, solved s = {spec.solved_sparsity:.4f}")
@@ -115,7 +122,7 @@ axes[2].set_title("test accuracy"); axes[2].set_xlabel("step")
 for ax in axes:
   ax.legend()
 fig.tight_layout()
-plt.show()
+show(fig)
 for method, (_, st, log, _) in runs.items():
   print(f"{method:6s} mask updates {int(st.stats.num_updates):3d}, first/last grown {log['grown'][0]}/{log['grown'][-1]}")
 assert int(runs["static"][1].stats.num_updates) == 0
@@ -156,6 +163,6 @@ for method, color in zip(("static", "set", "rigl"), ("C0", "C1", "C2")):
   axes[1].scatter([p[3] for p in pts], [p[1] for p in pts], c=color, label=method)
 axes[0].set_xlabel("Ramanujan gap (layer mean)"); axes[0].set_ylabel("test accuracy")
 axes[1].set_xlabel("weighted spectral gap (layer mean)"); axes[1].set_ylabel("test accuracy")
-axes[0].legend(); fig.tight_layout(); plt.show()
+axes[0].legend(); fig.tight_layout(); show(fig)
 acc = np.array([p[1] for p in points]); wgap = np.array([p[3] for p in points])
 print(f"{len(points)} runs; Pearson r(accuracy, weighted spectral gap) = {np.corrcoef(acc, wgap)[0, 1]:.3f}")
