@@ -101,6 +101,19 @@ def _join(labels: Sequence[_Label]) -> _Label:
   return _Label(False, frozenset().union(*[l.origins for l in labels]) if labels else frozenset())
 
 
+def _scan_counts(params: Mapping[str, Any]) -> tuple[int, int]:
+  """(number of constants, number of carries) of a ``scan`` equation.
+
+  jax <= 0.10 records them as ``num_consts``/``num_carry``; newer releases
+  give per-operand tuples ``ft_in = (consts, carry, xs)`` instead.
+  """
+  if "num_consts" in params:
+    return int(params["num_consts"]), int(params["num_carry"])
+  # ft_in is a flat tree of (consts, carry, xs); its groups are ``.elts``.
+  groups = getattr(params["ft_in"], "elts", params["ft_in"])
+  return len(groups[0]), len(groups[1])
+
+
 def _sub_jaxpr(value: Any) -> Optional[Any]:
   """The ``Jaxpr`` inside an equation parameter, if it holds one."""
   if isinstance(value, jex.ClosedJaxpr):
@@ -196,7 +209,7 @@ class _Walker:
     params = eqn.params
     if name == "scan":
       body = _sub_jaxpr(params["jaxpr"])
-      n_c, n_carry = params["num_consts"], params["num_carry"]
+      n_c, n_carry = _scan_counts(params)
       labels = list(ins)
       # Carries may become input-dependent after one iteration: find the fixed point first.
       for _ in range(3):
