@@ -9,24 +9,18 @@ The ResNet-18 recipe of ``imagenet_resnet18.py`` (SPEC section 6) with the
       --config.model.family=sparse_wide --config.model.sparsity=0.9
 """
 
-import importlib.util
 import os
 
+from sift_jax.training.sweep import load_config_module
 
-def _resnet18_config_module():
-  # Config files are loaded by path, not as a package: load the sibling file.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_resnet18.py")
-  spec = importlib.util.spec_from_file_location("_sift_jax_imagenet_resnet18_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_RESNET18 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_resnet18.py")
 
 
 def get_config():
-  config = _resnet18_config_module().get_config()
+  config = load_config_module(_RESNET18).get_config()
   config.model.name = "resnet34_imagenet"
   return config
 
 
 def get_sweep():
-  return _resnet18_config_module().get_sweep()
+  return load_config_module(_RESNET18).get_sweep()

@@ -13,35 +13,22 @@ to trail the dense MLP at 2000 steps::
       --results experiments/results/mnist1d_mlp --workdir workdirs/mnist1d_mlp
 """
 
-from sift_jax.training import default_config
-from sift_jax.training.sweep import family_grid
+import os
+
+from sift_jax.training.sweep import load_config_module
+
+# The CNN main job's recipe and grid, with the MLP in place of the CNN.
+_CNN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist1d_cnn.py")
 
 
 def get_config():
-  config = default_config()
-  config.dataset.name = "mnist1d"
+  config = load_config_module(_CNN).get_config()
   config.model.name = "mlp_mnist1d"
-  config.model.family = "dense"
-  config.model.sparsity = 0.0
+  del config.model.kwargs["stem_width"], config.model.kwargs["channels"], config.model.kwargs["strides"]
   config.model.kwargs.hidden = (64, 64, 64)
-  config.sparse.method = "rigl"
-  config.sparse.update_every = 50
-  config.optimizer.name = "sgd"
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.momentum = 0.9
-  config.optimizer.weight_decay = 5e-4
-  config.schedule.name = "cosine"
-  config.training.num_steps = 2000
-  config.training.batch_size = 128
-  config.training.eval_batch_size = 500
-  config.training.eval_every_steps = 500
-  config.training.log_every_steps = 250
-  config.training.checkpoint_every_steps = 0
-  config.training.keep_checkpoints = 1
-  config.mesh.data = 1
   return config
 
 
 def get_sweep():
   """Dense; 4 members x s in {0.5, 0.75, 0.9} with RigL; Sparse Wide also static."""
-  return family_grid(sparsities=(0.5, 0.75, 0.9), method="rigl", static_members=("sparse_wide",))
+  return load_config_module(_CNN).get_sweep()
