@@ -244,10 +244,17 @@ def test_mask_tree_errors_name_the_path():
   wrong_shape["block"]["kernel"] = jnp.ones((3, 3, 8, 15), bool)
   with pytest.raises(ValueError, match=r"'block/kernel' has shape \(3, 3, 8, 15\), expected \(3, 3, 8, 16\)"):
     M.check_masks(params, wrong_shape)
+  # apply_masks validates too: a (16,) mask would otherwise broadcast silently.
+  broadcastable = jax.tree.map(lambda m: m, masks)
+  broadcastable["head"]["kernel"] = jnp.ones((10,), bool)
+  with pytest.raises(ValueError, match=r"'head/kernel' has shape \(10,\), expected \(16, 10\)"):
+    sift_jax.apply_masks(params, broadcastable)
   wrong_dtype = jax.tree.map(lambda m: m, masks)
   wrong_dtype["head"]["kernel"] = jnp.ones((16, 10), jnp.float32)
   with pytest.raises(ValueError, match="'head/kernel' has dtype float32, expected bool"):
     M.check_masks(params, wrong_dtype)
+  with pytest.raises(ValueError, match="'head/kernel' has dtype float32, expected bool"):
+    sift_jax.apply_masks(params, wrong_dtype)
   dens = sift_jax.layer_densities(params, 0.5)
   dens["stem"]["kernel"] = 0.0
   with pytest.raises(ValueError, match=r"density for parameter 'stem/kernel' must be in \(0, 1\], got 0.0"):

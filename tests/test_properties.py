@@ -11,7 +11,16 @@ from sift_jax import masks as M
 
 OPTIMIZERS = [lambda: optax.sgd(0.1), lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
               lambda: optax.adam(1e-2), lambda: optax.adamw(1e-2, weight_decay=0.1),
-              lambda: optax.lion(1e-3)]
+              lambda: optax.lion(1e-3),
+              lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), optax.scale(-1e-2)),
+              lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
+              lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)]
+
+
+def _moments(inner_state, shape):
+  """Optimizer-state leaves shaped like a parameter (momenta, Adam moments, MultiSteps' buffer)."""
+  return [np.asarray(v) for v in jax.tree.leaves(inner_state)
+          if hasattr(v, "shape") and tuple(v.shape) == tuple(shape)]
 
 shapes = st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=3)
 
@@ -63,3 +72,6 @@ def test_mask_updates_keep_counts_and_zeros(shapes, sparsity, opt, drop, seed, r
       assert np.all(p[m & ~o] == 0.0)  # grown weights start at zero
       n_drop = int(np.floor(np.float32(drop) * np.float32(o.sum())))
       assert (o & ~m).sum() <= n_drop
+      # Moments of inactive and just-grown weights are zero, whatever the optimizer.
+      for v in _moments(state.inner_state, p.shape):
+        assert np.all(v[~m] == 0.0) and np.all(v[m & ~o] == 0.0)

@@ -151,6 +151,11 @@ OPTIMIZERS = {
                                  optax.scale_by_adam(), optax.scale(-1e-2)),
     "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
     "multisteps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+    # States with optax.MaskedNode where a parameter is not the optimizer's.
+    "masked": lambda: optax.masked(optax.adam(1e-2), lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+    "multi_transform": lambda: optax.multi_transform(
+        {"w": optax.adamw(1e-2, weight_decay=1e-2), "b": optax.sgd(0.05, momentum=0.9)},
+        lambda p: jax.tree.map(lambda x: "w" if x.ndim > 1 else "b", p)),
 }
 
 
@@ -346,6 +351,37 @@ def test_bad_options(kwargs, match):
     sift_jax.rigl(optax.sgd(0.1), **kwargs)
 
 
+def test_numpy_integer_options_are_accepted_and_floats_refused():
+  sched = sift_jax.optim.make_mask_update_schedule(update_every=np.int64(5), start_step=np.int32(10),
+                                                   total_steps=np.int64(100))
+  assert (sched.update_every, sched.start_step, sched.end_step) == (5, 10, 75)
+  assert all(type(v) is int for v in (sched.update_every, sched.start_step, sched.end_step))
+  with pytest.raises(ValueError, match="update_every must be an int, got 5.0"):
+    sift_jax.rigl(optax.sgd(0.1), sparsity=0.5, total_steps=10, update_every=5.0)
+  with pytest.raises(ValueError, match="start_step must be an int, got True"):
+    sift_jax.rigl(optax.sgd(0.1), sparsity=0.5, total_steps=10, start_step=True)
+
+
+def test_multisteps_around_rigl_counts_optimizer_steps():
+  # Gradient accumulation with RigL outside: RigL sees the mean of the k
+  # accumulated dense gradients and counts optimizer steps, not mini-steps.
+  params = mlp_params()
+  k = 3
+  tx = optax.MultiSteps(sift_jax.rigl(optax.adam(1e-2), sparsity=0.8, total_steps=40, update_every=4),
+                        every_k_schedule=k)
+  state = tx.init(params)
+  params = sift_jax.apply_masks(params, sift_jax.get_masks(state))  # sparse from the first forward
+  dens = sift_jax.layer_densities(params, 0.8)
+  x, y = data()
+  step = jax.jit(make_step(tx))
+  for _ in range(k * 9):
+    params, state, _ = step(params, state, x, y)
+    count_check(params, sift_jax.get_masks(state), dens)
+  inner = sift_jax.get_sparse_state(state)
+  assert int(inner.count) == 9
+  assert int(inner.stats.num_updates) == len(range(0, 9, 4))
+
+
 def test_bad_trees_at_init_and_update():
   params = mlp_params()
   bad_masks = {"fc1": {"kernel": jnp.ones((12, 32), bool), "bias": jnp.ones(32, bool)}}
@@ -358,10 +394,23 @@ def test_bad_trees_at_init_and_update():
   with pytest.raises(ValueError, match="selects no sparse leaf"):
     sift_jax.static_sparse(optax.sgd(0.1), sparsity=0.5,
                            policy=sift_jax.SparsityPolicy(sparse=("conv",))).init(params)
+  # A dynamic method whose policy selects nothing would train static masks.
+  all_on = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+  with pytest.raises(ValueError, match="selects no sparse leaf"):
+    sift_jax.rigl(optax.sgd(0.1), masks=all_on, total_steps=10,
+                  policy=sift_jax.SparsityPolicy(sparse=("conv",))).init(params)
+  with pytest.raises(ValueError, match="selects no sparse leaf"):
+    sift_jax.rigl(optax.sgd(0.1), densities=sift_jax.layer_densities(params, 0.5), total_steps=10,
+                  policy=sift_jax.SparsityPolicy(sparse=("conv",))).init(params)
   tx = sift_jax.rigl(optax.sgd(0.1), sparsity=0.5, total_steps=10)
   state = tx.init(params)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(params, state)
+  # A gradient of the wrong shape would broadcast into wrong growth scores.
+  bad_grads = jax.tree.map(jnp.ones_like, params)
+  bad_grads["fc1"]["kernel"] = jnp.ones((32,))
+  with pytest.raises(ValueError, match=r"updates for parameter 'fc1/kernel' has shape \(32,\), expected \(12, 32\)"):
+    tx.update(bad_grads, state, params)
   with pytest.raises(ValueError, match="no SparseState"):
     sift_jax.get_masks(optax.sgd(0.1).init(params))
 

@@ -14,7 +14,7 @@ and prints medians and the ratios to dense, and writes them as JSON.
 Targets (issue 2): static / dense <= 1.03 and RigL amortised / dense <= 1.05.
 
 Usage:
-  python experiments/benchmarks/sparse_step_time.py [--rounds 15] [--out FILE]
+  python experiments/benchmarks/sparse_step_time.py [--rounds 12] [--out FILE]
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import numpy as np
 from sift_jax.masks import topk, tree_paths
 
 __all__ = ["target_count", "init_masks", "apply_masks", "mask_stats",
-           "check_masks", "check_densities", "conform"]
+           "check_masks", "check_densities", "check_same_shapes", "conform"]
 
 
 def target_count(density: float, size: int) -> int:
@@ -71,15 +71,26 @@ def check_densities(params: Any, densities: Any) -> Any:
   return densities
 
 
+def check_same_shapes(params: Any, other: Any, name: str) -> None:
+  """Raises unless every leaf of ``other`` has its parameter's shape.
+
+  ``other`` must already have the params' structure (see :func:`conform`);
+  shapes are static, so this costs nothing under ``jit``.
+  """
+  for path, p, o in zip(_paths_and_leaves(params)[0], jax.tree.leaves(params), jax.tree.leaves(other)):
+    if tuple(np.shape(o)) != tuple(np.shape(p)):
+      raise ValueError(f"{name} for parameter {path!r} has shape {tuple(np.shape(o))}, "
+                       f"expected {tuple(np.shape(p))}")
+
+
 def check_masks(params: Any, masks: Any) -> Any:
   """Validates a mask tree (structure, shapes, bool dtype) and returns it conformed."""
   masks = conform(params, masks, "masks")
-  for path, p, m in zip(_paths_and_leaves(params)[0], jax.tree.leaves(params), jax.tree.leaves(masks)):
-    if tuple(np.shape(m)) != tuple(np.shape(p)):
-      raise ValueError(f"mask for parameter {path!r} has shape {tuple(np.shape(m))}, "
-                       f"expected {tuple(np.shape(p))}")
-    if jnp.dtype(m.dtype) != jnp.bool_:
-      raise ValueError(f"mask for parameter {path!r} has dtype {m.dtype}, expected bool")
+  check_same_shapes(params, masks, "mask")
+  for path, m in zip(_paths_and_leaves(params)[0], jax.tree.leaves(masks)):
+    dtype = jnp.dtype(getattr(m, "dtype", None) or np.asarray(m).dtype)
+    if dtype != jnp.bool_:
+      raise ValueError(f"mask for parameter {path!r} has dtype {dtype}, expected bool")
   return masks
 
 
@@ -124,8 +135,13 @@ def init_masks(key: jax.Array, params: Any, densities: Any) -> Any:
 
 
 def apply_masks(params: Any, masks: Any) -> Any:
-  """Returns ``params`` with masked-out entries set to exactly zero."""
-  masks = conform(params, masks, "masks")
+  """Returns ``params`` with masked-out entries set to exactly zero.
+
+  Raises:
+    ValueError: if ``masks`` does not match ``params`` (paths, shapes, bool
+      dtype), naming the first offending parameter path.
+  """
+  masks = check_masks(params, masks)
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
 
 

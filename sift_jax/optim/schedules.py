@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["DROP_SCHEDULES", "MaskUpdateSchedule", "make_mask_update_schedule"]
 
@@ -50,6 +51,15 @@ class MaskUpdateSchedule:
     return range(self.start_step, self.end_step, self.update_every)
 
 
+def _as_int(value: Any, name: str) -> Optional[int]:
+  """``value`` as a Python int (numpy integers included); bools and floats are refused."""
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an int, got {value!r}")
+  return int(value)
+
+
 def make_mask_update_schedule(*, update_every: int = 100, start_step: int = 0,
                               end_step: Optional[int] = None, total_steps: Optional[int] = None,
                               end_fraction: float = 0.75, drop_fraction: float = 0.3,
@@ -62,9 +72,11 @@ def make_mask_update_schedule(*, update_every: int = 100, start_step: int = 0,
   Raises:
     ValueError: naming the offending option.
   """
-  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+  update_every = _as_int(update_every, "update_every")
+  start_step = _as_int(start_step, "start_step")
+  if update_every is None or update_every < 1:
     raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
-  if not isinstance(start_step, int) or start_step < 0:
+  if start_step is None or start_step < 0:
     raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
   if drop_schedule not in DROP_SCHEDULES:
     raise ValueError(f"drop_schedule must be one of {DROP_SCHEDULES}, got {drop_schedule!r}")
@@ -74,13 +86,15 @@ def make_mask_update_schedule(*, update_every: int = 100, start_step: int = 0,
     if total_steps is None:
       raise ValueError("give end_step or total_steps (end_step defaults to "
                        "end_fraction * total_steps)")
-    if not isinstance(total_steps, int) or total_steps < 1:
+    total_steps = _as_int(total_steps, "total_steps")
+    if total_steps is None or total_steps < 1:
       raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
     if not (0.0 < float(end_fraction) <= 1.0):
       raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction!r}")
     end_step = int(end_fraction * total_steps)
-  if not isinstance(end_step, int):
-    raise ValueError(f"end_step must be an int, got {end_step!r}")
+  end_step = _as_int(end_step, "end_step")
+  if end_step is None:
+    raise ValueError("end_step must be an int")
   if end_step <= start_step:
     raise ValueError(f"end_step ({end_step}) must be after start_step ({start_step})")
   return MaskUpdateSchedule(update_every=update_every, start_step=start_step, end_step=end_step,

@@ -117,13 +117,17 @@ def _sparse_transformation(
 
   def updatable(params) -> list[bool]:
     """Static per-leaf flags: which leaves a mask update may change."""
-    flags = jax.tree.leaves(selection.select_sparse(params, policy, require_any=masks is None))
+    # A static mask given explicitly needs no policy; a dynamic method whose
+    # policy selects nothing would silently train static masks, so it raises.
+    flags = jax.tree.leaves(selection.select_sparse(
+        params, policy, require_any=masks is None or method != "static"))
     dens = resolve_densities(params)
     if dens is not None:
       flags = [f and float(d) < 1.0 for f, d in zip(flags, jax.tree.leaves(dens))]
     return flags
 
   def init_fn(params):
+    updatable(params)  # bad policies and density trees fail here, not at the first update
     init_key, state_key = jax.random.split(jax.random.wrap_key_data(key_data))
     if masks is not None:
       initial = ops.check_masks(params, masks)
@@ -145,6 +149,7 @@ def _sparse_transformation(
                        "weights and ranks weights by magnitude)")
     treedef = jax.tree.structure(params)
     grads = ops.conform(params, updates, "updates")
+    ops.check_same_shapes(params, grads, "updates")
     cur_masks = ops.conform(params, state.masks, "opt_state.masks")
     flags = updatable(params)
     p_leaves = treedef.flatten_up_to(params)
@@ -230,7 +235,10 @@ def _sparse_transformation(
                                 state.inner_state)
     keep_tree = jax.tree.unflatten(treedef, [both[i] if i in set(idx) else True
                                              for i in range(len(both))])
-    new_inner = optax.tree_map_params(inner, _reset_moments, base_inner, keep_tree)
+    # optax.masked / multi_transform states hold MaskedNode where a param is
+    # not theirs: those are leaves to leave alone, not subtrees to map over.
+    new_inner = optax.tree_map_params(inner, _reset_moments, base_inner, keep_tree,
+                                      is_leaf=lambda v: isinstance(v, optax.MaskedNode))
     did_update = is_update.astype(jnp.int32)
     stats = SparseStats(
         ever_active=jax.tree.unflatten(treedef, ever),
@@ -246,6 +254,8 @@ def _sparse_transformation(
 
 def _reset_moments(value: Any, keep: Any) -> Any:
   """Zeroes optimizer-state entries of params whose connection changed."""
+  if isinstance(value, optax.MaskedNode):
+    return value
   if keep is True or not hasattr(value, "shape") or not hasattr(keep, "shape"):
     return value
   if tuple(value.shape) != tuple(keep.shape):
@@ -319,6 +329,16 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = Non
 
   The updates passed to ``update`` must be the dense gradients (the gradient
   with respect to the effective, masked weights), as ``jax.grad`` gives.
+
+  Inactive weights are zeroed by the first ``update``; the parameters given
+  to ``init`` are not changed (optax cannot), so for the very first forward
+  pass to be sparse too, call ``sift_jax.apply_masks(params,
+  sift_jax.get_masks(opt_state))`` once after ``init`` (the
+  :mod:`sift_jax.training` loop does). For gradient accumulation wrap RigL
+  in ``optax.MultiSteps(rigl(...), k)``: RigL then counts optimizer steps
+  and grows from the mean of the ``k`` accumulated dense gradients. (Wrapped
+  the other way, ``rigl(optax.MultiSteps(...))``, ``update_every`` counts
+  mini-steps and growth uses one mini-batch's gradient.)
 
   Args:
     inner: Any optax optimizer; it sees masked gradients.
