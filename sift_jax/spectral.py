@@ -41,6 +41,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,7 @@ import scipy.sparse.linalg
 from sift_jax.masks.tree_paths import path_str
 
 __all__ = [
+    "FLAX_ATTENTION_OUTPUT_AXES",
     "SUMMARY_KEYS",
     "SpectralLogger",
     "layer_metrics",
@@ -73,6 +75,11 @@ SUMMARY_KEYS = (
     "avg_right_degree",
     "density",
 )
+
+# Flax's MultiHeadDotProductAttention projects with DenseGeneral: query, key and
+# value kernels are (D, heads, head_dim), two output axes (the output projection
+# (heads, head_dim, D) has one, like any other kernel).
+FLAX_ATTENTION_OUTPUT_AXES: Mapping[str, int] = {r"(^|/)(query|key|value)/kernel$": 2}
 
 _LAYOUTS = ("flax", "torch")
 _SOLVERS = ("auto", "dense", "sparse")
@@ -104,12 +111,13 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
     raise ValueError(f"{name} could not be converted to a numpy array: {err}") from err
 
 
-def _biadjacency(array: np.ndarray, layout: str) -> np.ndarray:
+def _biadjacency(array: np.ndarray, layout: str, output_axes: int = 1) -> np.ndarray:
   """Unrolls a kernel-shaped array to the ``(D_in, D_out)`` biadjacency layout."""
   if layout == "flax":
     # Dense (D_in, D_out); conv (k, C_in, C_out), (kh, kw, C_in, C_out), ...:
-    # outputs are the last axis, all other axes are unrolled inputs.
-    return array.reshape(-1, array.shape[-1])
+    # outputs are the last `output_axes` axes (DenseGeneral with tuple features,
+    # e.g. attention's (D, heads, head_dim) query kernel), the rest are inputs.
+    return array.reshape(-1, int(np.prod(array.shape[array.ndim - output_axes:])))
   # torch: dense (D_out, D_in); conv (C_out, C_in, *kernel).
   return np.moveaxis(array, 0, -1).reshape(-1, array.shape[0])
 
@@ -189,6 +197,7 @@ def layer_metrics(
     min_degree: float = 3.0,
     layout: str = "flax",
     solver: str = "auto",
+    output_axes: int = 1,
 ) -> dict[str, Any]:
   """Ramanujan-graph metrics of one masked layer.
 
@@ -218,6 +227,9 @@ def layer_metrics(
       ``(D_out, D_in)`` or ``(C_out, C_in, *kernel)``).
     solver: ``"dense"`` (numpy SVD), ``"sparse"`` (ARPACK ``svds`` with a fixed start
       vector; deterministic) or ``"auto"`` (dense for small layers, sparse for large).
+    output_axes: with ``layout="flax"``, how many trailing axes are outputs (1 for
+      dense and conv kernels; 2 for a ``DenseGeneral`` with two output features,
+      such as attention's ``(D, heads, head_dim)`` query/key/value kernels).
 
   Returns:
     A dict with
@@ -254,6 +266,12 @@ def layer_metrics(
         f"mask must have at least 2 dimensions (dense (D_in, D_out) or a conv "
         f"kernel), got shape {mask.shape}."
     )
+  if (isinstance(output_axes, bool) or not isinstance(output_axes, (int, np.integer))
+      or not 1 <= output_axes < mask.ndim or (layout == "torch" and output_axes != 1)):
+    raise ValueError(
+        f"output_axes must be an int in [1, {mask.ndim - 1}] for a mask of shape "
+        f"{mask.shape} (1 with layout='torch'), got {output_axes!r}."
+    )
   if mask.dtype != np.bool_:
     if not np.all((mask == 0) | (mask == 1)):
       bad = mask[~((mask == 0) | (mask == 1))].flat[0]
@@ -268,7 +286,7 @@ def layer_metrics(
           f"weights shape {weights.shape} does not match mask shape {mask.shape}."
       )
 
-  adjacency = _biadjacency(mask, layout)
+  adjacency = _biadjacency(mask, layout, output_axes)
   left_degrees = adjacency.sum(axis=1)
   right_degrees = adjacency.sum(axis=0)
   keep_left = left_degrees > 0
@@ -323,8 +341,8 @@ def layer_metrics(
   if weights is not None:
     if weights.dtype not in (np.float32, np.float64):  # bfloat16, ints, ...
       weights = weights.astype(np.float64)
-    weighted = np.abs(_biadjacency(weights, layout))
-    weighted = np.where(_biadjacency(mask, layout), weighted, 0)
+    weighted = np.abs(_biadjacency(weights, layout, output_axes))
+    weighted = np.where(_biadjacency(mask, layout, output_axes), weighted, 0)
     weighted = weighted[keep_left][:, keep_right]
     w_mu_0, w_mu_hat = _top_two_singular_values(weighted, solver)
     metrics.update(
@@ -356,6 +374,7 @@ def model_metrics(
     *,
     min_degree: float = 3.0,
     solver: str = "auto",
+    output_axes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
   """Spectral metrics of every masked layer of a model.
 
@@ -371,6 +390,12 @@ def model_metrics(
     masks: mask pytree (bool or 0/1 leaves; leaves may be None).
     min_degree: see :func:`layer_metrics`.
     solver: see :func:`layer_metrics`.
+    output_axes: ``{regex: n}`` on layer paths (``re.search``, first match wins):
+      the number of trailing output axes of those kernels (see
+      :func:`layer_metrics`); every other layer has 1. Default
+      :data:`FLAX_ATTENTION_OUTPUT_AXES`: the 3-D query/key/value kernels of
+      ``nn.MultiHeadDotProductAttention`` have two output axes (heads,
+      head_dim). Pass ``{}`` to read every kernel with one output axis.
 
   Returns:
     ``{"layers": {path: layer_metrics(...)}, "summary": {...}}``, where the summary
@@ -383,6 +408,12 @@ def model_metrics(
       path) when :func:`layer_metrics` rejects a layer.
   """
   params_by_path = None if params is None else _leaves_by_path(params)
+  rules = list((FLAX_ATTENTION_OUTPUT_AXES if output_axes is None else output_axes).items())
+  for pattern, _ in rules:
+    try:
+      re.compile(pattern)
+    except re.error as err:
+      raise ValueError(f"output_axes: invalid regex {pattern!r}: {err}") from None
   layers: dict[str, dict[str, Any]] = {}
   for path, mask in _leaves_by_path(masks).items():
     mask = _as_numpy(mask, f"mask {path!r}")
@@ -396,9 +427,14 @@ def model_metrics(
             f"have the same paths, e.g. both relative to variables['params'])."
         )
       weights = params_by_path[path]
+    n_out = 1
+    for pattern, n in rules:
+      if re.search(pattern, path):
+        n_out = n
+        break
     try:
       layers[path] = layer_metrics(
-          mask, weights, min_degree=min_degree, solver=solver
+          mask, weights, min_degree=min_degree, solver=solver, output_axes=n_out
       )
     except ValueError as err:
       raise ValueError(f"layer {path!r}: {err}") from err
@@ -421,8 +457,9 @@ class SpectralLogger:
   """Training callback appending spectral summaries to a JSON-lines file.
 
   Every ``every`` steps, computes :func:`model_metrics` and appends one line
-  ``{"step": step, "spectral/<metric>": value, ...}`` (NaN written as ``null``) to
-  ``path``. Host-side: call it outside the jitted step with the current params and
+  ``{"step": step, "split": "spectral", "<metric>": value, ...}`` (NaN written as
+  ``null``) to ``path``: the format of the training loop's ``metrics.jsonl``, so
+  both can share a file and :func:`trajectory_plot` reads either. Host-side: call it outside the jitted step with the current params and
   masks (e.g. ``sift_jax.get_masks(opt_state)``).
 
   Attributes:
@@ -457,11 +494,11 @@ class SpectralLogger:
     summary = model_metrics(
         params, masks, min_degree=self.min_degree, solver=self.solver
     )["summary"]
-    record: dict[str, Any] = {"step": step}
+    record: dict[str, Any] = {"step": step, "split": "spectral"}
     for key, value in summary.items():
       if isinstance(value, float) and math.isnan(value):
         value = None  # JSON has no NaN.
-      record[f"spectral/{key}"] = value
+      record[key] = value
     path = pathlib.Path(self.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:

@@ -380,6 +380,33 @@ def test_model_metrics_errors_name_the_path():
     spectral.model_metrics(params, masks)
 
 
+def test_multi_axis_output_kernels_unroll_to_their_2d_graph():
+  # A DenseGeneral kernel (D, heads, head_dim) is the graph D x (heads * head_dim).
+  rng = np.random.default_rng(12)
+  mask = rng.random((16, 4, 8)) < 0.4
+  weights = rng.normal(size=(16, 4, 8))
+  got = spectral.layer_metrics(mask, weights, output_axes=2)
+  want = spectral.layer_metrics(mask.reshape(16, 32), weights.reshape(16, 32))
+  assert (got["num_left"], got["num_right"]) == (16, 32)
+  assert np.isfinite(got["ramanujan_gap"]) and np.isfinite(got["weighted_spectral_gap"])
+  for key in ("mu_0", "mu_hat", "ramanujan_gap", "iterative_mean_gap", "weighted_spectral_gap"):
+    np.testing.assert_equal(got[key], want[key], err_msg=key)
+  # Read with one output axis it is another graph (64 x 8): the default differs.
+  assert spectral.layer_metrics(mask)["num_right"] == 8
+  # model_metrics reads attention's query/key/value kernels with two output axes
+  # by default, every other kernel (the output projection too) with one.
+  out_mask = rng.random((4, 8, 16)) < 0.4
+  masks = {"attn": {"query": {"kernel": mask}, "out": {"kernel": out_mask}}}
+  layers = spectral.model_metrics(None, masks)["layers"]
+  assert layers["attn/query/kernel"]["num_right"] == 32
+  assert layers["attn/out/kernel"]["num_right"] == 16
+  assert spectral.model_metrics(None, masks, output_axes={})["layers"]["attn/query/kernel"]["num_right"] == 8
+  with pytest.raises(ValueError, match=r"output_axes must be an int in \[1, 2\]"):
+    spectral.layer_metrics(mask, output_axes=3)
+  with pytest.raises(ValueError, match="output_axes: invalid regex"):
+    spectral.model_metrics(None, masks, output_axes={"(": 2})
+
+
 def test_spectral_logger_appends_jsonl(tmp_path):
   params, masks = _toy_tree(np.random.default_rng(9))
   path = tmp_path / "logs" / "metrics.jsonl"
@@ -388,16 +415,17 @@ def test_spectral_logger_appends_jsonl(tmp_path):
   assert [r is None for r in returned] == [False, True, False, True, False]
   lines = [json.loads(line) for line in path.read_text().splitlines()]
   assert [line["step"] for line in lines] == [0, 2, 4]
+  assert {line["split"] for line in lines} == {"spectral"}  # the training loop's format
   summary = spectral.model_metrics(params, masks)["summary"]
   assert returned[0] == summary
   for key, value in summary.items():
-    assert lines[0][f"spectral/{key}"] == pytest.approx(value), key
+    assert lines[0][key] == pytest.approx(value), key
   # NaN is written as JSON null.
   empty = {"w": np.zeros((6, 6), bool)}
   spectral.SpectralLogger(1, path)(jnp.asarray(7), {"w": np.ones((6, 6))}, empty)
   last = json.loads(path.read_text().splitlines()[-1])
-  assert last["step"] == 7 and last["spectral/ramanujan_gap"] is None
-  assert last["spectral/num_layers"] == 1 and last["spectral/num_valid"] == 0
+  assert last["step"] == 7 and last["ramanujan_gap"] is None
+  assert last["num_layers"] == 1 and last["num_valid"] == 0
   with pytest.raises(ValueError, match="every.*0"):
     spectral.SpectralLogger(0, path)
 
