@@ -227,7 +227,13 @@ def test_bad_input_is_named():
     models.get_model("gpt_tiny", num_classes=10)
   with pytest.raises(ValueError, match="round_to must be an integer >= 1, got 0"):
     models.get_model("mlp_mnist1d", family="sparse_wide", sparsity=0.5, round_to=0)
-  with pytest.raises(ValueError, match="'block_0/attn/query' rank.*rounds to 0 with round_to=128"):
+  with pytest.raises(ValueError, match="'block_0/attn/query' rank: the exact size 0 rounds to 0"):
+    models.get_model("gpt_tiny", family="sparse_doped", sparsity=0.0, round_to=128)
+  # round_to=128 lifts every Doped rank (8 to 64 exact) to 128: the dense U V alone cost 2.5x
+  # the budget, which the solver reports with the largest dense parts.
+  with pytest.raises(ValueError, match=r"gpt_tiny \(sparse_doped, s=0.5\): .*parts that stay dense "
+                     r"cost 20,971,520 MACs, at least the dense budget 8,388,608.*Largest dense "
+                     r"parts .*'block_0/mlp/fc1/V/kernel' \(2,097,152, 25.0%\)"):
     models.get_model("gpt_tiny", family="sparse_doped", sparsity=0.5, round_to=128)
   with pytest.raises(ValueError, match="gpt_tiny .*parts that stay dense cost"):
     models.get_model("gpt_tiny", family="sparse_wide", sparsity=0.99)

@@ -1,5 +1,7 @@
 """Sparse-IFT size rules, family layers and the drop-in transform of user models."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,10 +10,11 @@ import pytest
 
 from sift_jax import flops
 from sift_jax.masks import SparsityPolicy, init_masks, layer_densities, tree_paths
-from sift_jax.transformations import (FAMILIES, FamilyConfig, SparseDoped, SparseFactorized,
-                                      SparseParallel, round_to_multiple, sparse_doped_rank,
-                                      sparse_factorized_rank, sparse_parallel_branches,
-                                      sparse_wide_factor, sparse_wide_width, transform)
+from sift_jax.transformations import (FAMILIES, FamilyConfig, IsoFlopToleranceWarning, SparseDoped,
+                                      SparseFactorized, SparseParallel, round_to_multiple,
+                                      sparse_doped_rank, sparse_factorized_rank,
+                                      sparse_parallel_branches, sparse_wide_factor,
+                                      sparse_wide_width, transform)
 
 # SPEC section 5: reference ranks of CIFAR ResNet-18's 3x3 convolutions, C_in -> C_out.
 CHANNELS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)]
@@ -49,6 +52,21 @@ def test_paper_ranks_round_to_nearest_and_to_multiples():
   assert sparse_factorized_rank(100, 50, 0.5) == round(100 * 50 / (0.5 * 150))  # 66.67 -> 67
   assert round_to_multiple(192, 128) == 256  # ties go up
   assert round_to_multiple(191.9, 128) == 128
+  assert round_to_multiple(320, 128) == 384
+
+
+def test_round_to_never_rounds_a_positive_size_to_zero():
+  # Doped rank of a 64-64 3x3 conv at s=0.5 is 28.8: one multiple of 128, not 0.
+  assert sparse_doped_rank(64, 64, 0.5, kernel_size=(3, 3), round_to=128) == 128
+  assert sparse_doped_rank(64, 64, 0.5, round_to=128) == 128  # 16.0
+  assert sparse_wide_width(16, 0.5, round_to=128) == 128  # 22.6
+  assert [round_to_multiple(v, 128) for v in (0.5, 1.0, 63.9, 64.0, 191.9)] == [128] * 5
+  # Sizes that are zero at round_to=1 still raise, whatever round_to is.
+  for multiple in (1, 128):
+    with pytest.raises(ValueError, match="layer 'fc': the exact size 0.25 rounds to 0"):
+      sparse_doped_rank(1, 1, 0.5, round_to=multiple, what="layer 'fc'")
+    with pytest.raises(ValueError, match="the exact size 0.49 rounds to 0"):
+      round_to_multiple(0.49, multiple)
 
 
 def test_wide_and_parallel_sizes():
@@ -63,10 +81,8 @@ def test_wide_and_parallel_sizes():
 
 
 def test_size_errors_name_the_value():
-  with pytest.raises(ValueError, match="rounds to 0 with round_to=128"):
-    sparse_doped_rank(64, 64, 0.5, round_to=128, what="layer 'fc'")
-  with pytest.raises(ValueError, match="layer 'fc'"):
-    sparse_doped_rank(64, 64, 0.0, what="layer 'fc'")
+  with pytest.raises(ValueError, match="layer 'fc': the exact size 0 rounds to 0"):
+    sparse_doped_rank(64, 64, 0.0, round_to=128, what="layer 'fc'")
   with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.0"):
     sparse_factorized_rank(8, 8, 1.0)
   with pytest.raises(ValueError, match="-0.1"):
@@ -181,6 +197,9 @@ LAYERS = [
                                                       norm="layer"), (3, 5)),
     ("doped_dense", lambda: SparseDoped(nn.Dense(6), sparsity=0.9), (3, 5)),
     ("doped_general", lambda: SparseDoped(nn.DenseGeneral((2, 3)), sparsity=0.75), (3, 5)),
+    # r = 0.75 * 27 * 6 / 33 = 3.7 -> 4; U is the strided 3x3 conv, V a 1x1 conv.
+    ("doped_conv", lambda: SparseDoped(nn.Conv(6, (3, 3), strides=2), sparsity=0.75),
+     (2, 6, 6, 3)),
 ]
 
 
@@ -224,12 +243,17 @@ def test_layer_errors_name_the_layer():
     SparseParallel(nn.LayerNorm(), num_branches=2).init(jax.random.key(0), x)
 
   class Holder(nn.Module):
+    sparsity: float
+
     @nn.compact
     def __call__(self, x):
-      return SparseDoped(nn.Dense(8), sparsity=0.5, round_to=128, name="tiny")(x)
+      return SparseDoped(nn.Dense(8), sparsity=self.sparsity, round_to=128, name="tiny")(x)
 
-  with pytest.raises(ValueError, match="SparseDoped 'tiny' rank.*rounds to 0 with round_to=128"):
-    Holder().init(jax.random.key(0), jnp.ones((1, 8)))
+  with pytest.raises(ValueError, match="SparseDoped 'tiny' rank: the exact size 0 rounds to 0"):
+    Holder(0.0).init(jax.random.key(0), jnp.ones((1, 8)))
+  # Rank 0.5 * 64 / 16 = 2 rounds up to one multiple of 128.
+  v = jax.eval_shape(Holder(0.5).init, jax.random.key(0), jnp.ones((1, 8)))
+  assert v["params"]["tiny"]["U"]["kernel"].shape == (8, 128)
 
 
 # ----------------------------------------------------------------------------- drop-in transform
@@ -276,9 +300,11 @@ def test_transform_unseen_model(family):
     # Output layer Dense_2 keeps 10 outputs; its inputs follow the widened Dense_1 (32 -> 64).
     assert v["params"]["Dense_2"]["kernel"].shape == (64, 10)
     assert v["params"]["Conv_0"]["kernel"].shape == (3, 1, 16)
-  sol = sift.solve(X_USER[:1])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", IsoFlopToleranceWarning)  # within tolerance: no warning
+    sol = sift.solve(X_USER[:1])
   assert sol.method == "closed_form"
-  assert abs(sol.iso_flop_ratio - 1.0) < 0.005
+  assert abs(sol.iso_flop_ratio - 1.0) < 0.005 and sol.within_tolerance
   if family != "sparse_factorized":
     return
   # The masks of the solved sparsity realise that cost on real masks.
@@ -401,6 +427,198 @@ def test_transform_bad_input():
     jax.eval_shape(transform(UserNet(), family="sparse_doped", sparsity=0.5,
                              policy=everything_dense).init, jax.random.key(0), X_USER)
   # A sparsity too high for the budget: the widened dense stem and classifier alone exceed it.
-  with pytest.raises(ValueError, match="parts that stay dense cost"):
+  with pytest.raises(ValueError, match=r"transformed UserNet: .*parts that stay dense cost "
+                     r"28,336 MACs.*budget 16,256.*Largest dense parts .*"
+                     r"'Conv_0/kernel' \(18,216, 112.1%\), "
+                     r"'Dense_2/kernel' \(10,120, 62.3%\)"):
     transform(UserNet(), family="sparse_wide", sparsity=0.999, policy=USER_POLICY,
               layers=("Conv_0", "Dense_0", "Dense_1")).solve(X_USER[:1])
+  with pytest.raises(ValueError, match="parallel_activation must be callable or None, got 'relu'"):
+    transform(UserNet(), family="sparse_parallel", sparsity=0.5, parallel_activation="relu")
+
+
+class KeywordNet(nn.Module):
+  """Calls its conv and hidden Dense positionally or with ``inputs=`` (the same model otherwise)."""
+
+  keyword: bool
+
+  @nn.compact
+  def __call__(self, x):
+    call = (lambda layer, h: layer(inputs=h)) if self.keyword else (lambda layer, h: layer(h))
+    h = nn.relu(call(nn.Conv(8, (3,), name="conv"), x))
+    h = h.reshape(h.shape[0], -1)
+    h = nn.relu(call(nn.Dense(16, name="fc"), h))
+    return nn.Dense(4, name="head")(h)
+
+
+X_KW = jax.random.normal(jax.random.key(5), (2, 6, 2))
+KW_LAYOUT = {"sparse_parallel": ("branch_1/kernel", "branch_1/bias"),
+             "sparse_factorized": ("U/kernel", "V/kernel", "V/bias"),
+             "sparse_doped": ("S/kernel", "S/bias", "U/kernel", "V/kernel")}
+
+
+@pytest.mark.parametrize("family", FAMILIES[1:])
+def test_keyword_input_calls_are_transformed_like_positional_ones(family):
+  policy = SparsityPolicy(dense=("^head",))
+  positional = transform(KeywordNet(False), family=family, sparsity=0.5, policy=policy)
+  keyword = transform(KeywordNet(True), family=family, sparsity=0.5, policy=policy)
+  v = _random_init(positional, X_KW)
+  shapes = lambda tree: jax.tree.map(lambda a: a.shape, tree)
+  assert shapes(jax.eval_shape(keyword.init, jax.random.key(0), X_KW)) == shapes(v)
+  paths = set(tree_paths.leaf_paths(v["params"]))
+  if family == "sparse_wide":
+    # conv 8 -> round(8 sqrt 2) = 11 channels, fc 16 -> 23 (input 6 * 11); head keeps 4 outputs.
+    assert v["params"]["conv"]["kernel"].shape == (3, 2, 11)
+    assert v["params"]["fc"]["kernel"].shape == (66, 23)
+    assert v["params"]["head"]["kernel"].shape == (23, 4)
+  else:
+    assert {f"{layer}/{leaf}" for layer in ("conv", "fc") for leaf in KW_LAYOUT[family]} <= paths
+    assert {"head/kernel", "head/bias"} <= paths
+  np.testing.assert_array_equal(keyword.apply(v, X_KW), positional.apply(v, X_KW))
+
+
+def test_wide_checks_the_output_shape_with_explicit_output_layers():
+  # Dense_2 writes the output; naming only Dense_1 (or nothing that exists) would widen it 10 -> 14.
+  for output_layers in (("Dense_1",), ("no_such_layer",)):
+    sift = transform(UserNet(), family="sparse_wide", sparsity=0.5, output_layers=output_layers)
+    with pytest.raises(ValueError, match=r"Sparse Wide changed the output of UserNet from "
+                       r"\(\(4, 10\), .*\) to \(\(4, 14\), .*\): layer\(s\) \['Dense_2'\] were "
+                       r"widened to the changed output width.*add them to output_layers="):
+      jax.eval_shape(sift.init, jax.random.key(0), X_USER)
+  sift = transform(UserNet(), family="sparse_wide", sparsity=0.5, output_layers=("Dense_2",))
+  assert jax.eval_shape(sift.init_with_output, jax.random.key(0), X_USER)[0].shape == (4, 10)
+
+
+class SharedDense(nn.Module):
+  """One Dense applied twice (shared weights), optionally after a stem, then a head."""
+
+  stem: bool
+
+  @nn.compact
+  def __call__(self, x):
+    shared = nn.Dense(8, name="shared")
+    h = nn.Dense(8, name="stem")(x) if self.stem else x
+    return nn.Dense(3, name="head")(shared(nn.relu(shared(h))))
+
+
+def test_weight_shared_layer():
+  x = jnp.ones((2, 8))
+  # Sparse Wide: without the stem, the first call sees the raw 8-wide input and the second the
+  # widened 11-wide output of the first; no single kernel fits both: a clear error.
+  with pytest.raises(ValueError, match=r"Sparse Wide cannot handle layer 'shared' of SharedDense: "
+                     r"it is called 2 times \(shared weights\).*output_layers="):
+    jax.eval_shape(transform(SharedDense(False), family="sparse_wide", sparsity=0.5).init,
+                   jax.random.key(0), x)
+  # After a widened stem both calls see 11 inputs: one (11, 11) kernel serves both.
+  v = jax.eval_shape(transform(SharedDense(True), family="sparse_wide", sparsity=0.5).init,
+                     jax.random.key(0), x)
+  assert v["params"]["shared"]["kernel"].shape == (11, 11)
+  assert v["params"]["head"]["kernel"].shape == (11, 3)
+  # The other members keep the sharing: one set of parameters, used by both calls.
+  sift = transform(SharedDense(True), family="sparse_factorized", sparsity=0.5,
+                   policy=SparsityPolicy(dense=("stem", "head")))
+  v = jax.eval_shape(sift.init, jax.random.key(0), x)
+  assert sorted(tree_paths.leaf_paths(v["params"]["shared"])) == ["U/kernel", "V/bias", "V/kernel"]
+  assert jax.eval_shape(sift.apply, v, x).shape == (2, 3)
+  macs = flops.count_macs(sift, v, x[:1]).by_param()
+  assert macs["shared/U/kernel"] == 2 * 8 * 8  # rank 64 / (0.5 * 16) = 8, two calls
+
+
+def test_grouped_convolution_is_named_when_nothing_can_be_transformed():
+  class Depthwise(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3,), feature_group_count=4, name="dw")(x)
+
+  for family in ("sparse_doped", "sparse_wide"):
+    with pytest.raises(ValueError, match=r"not transformed: 'dw' \(grouped convolution, "
+                       r"feature_group_count=4: grouped and depthwise convolutions are not "
+                       r"transformed\)" if family == "sparse_doped" else
+                       r"calls no transformable nn.Dense, nn.DenseGeneral or nn.Conv"):
+      jax.eval_shape(transform(Depthwise(), family=family, sparsity=0.5).init, jax.random.key(0),
+                     jnp.ones((1, 5, 4)))
+
+
+class MultiAxis(nn.Module):
+  """DenseGeneral layers with tuple features and multi-axis contractions."""
+
+  @nn.compact
+  def __call__(self, x):  # (B, T, 16)
+    h = nn.DenseGeneral((4, 8), name="split")(x)  # (B, T, 4, 8)
+    h = nn.relu(nn.DenseGeneral((3, 8), axis=(-2, -1), name="mix")(h))  # (B, T, 3, 8)
+    return nn.DenseGeneral(12, axis=(-2, -1), name="merge")(h)  # (B, T, 12)
+
+
+X_MULTI = jax.random.normal(jax.random.key(6), (2, 3, 16))
+# s = 0.75: k_sw = 2 (the last feature dim doubles); ranks r = D_in*D_out / (0.25 (D_in + D_out))
+# and r = 0.75 D_in*D_out / (D_in + D_out), for (D_in, D_out) = (16, 32), (32, 24), (24, 12).
+MULTI_SHAPES = {
+    "sparse_wide": {"split/kernel": (16, 4, 16), "mix/kernel": (4, 16, 3, 16),
+                    "merge/kernel": (3, 16, 12)},
+    "sparse_factorized": {"split/U/kernel": (16, 43), "split/V/kernel": (43, 4, 8),
+                          "mix/U/kernel": (4, 8, 55), "mix/V/kernel": (55, 3, 8),
+                          "merge/U/kernel": (3, 8, 32), "merge/V/kernel": (32, 12)},
+    "sparse_doped": {"mix/S/kernel": (4, 8, 3, 8), "mix/U/kernel": (4, 8, 10),
+                     "mix/V/kernel": (10, 3, 8), "merge/U/kernel": (3, 8, 6)},
+    "sparse_parallel": {"mix/branch_3/kernel": (4, 8, 3, 8), "merge/branch_3/kernel": (3, 8, 12)},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES[1:])
+def test_multi_axis_dense_general_keeps_output_shapes(family):
+  sift = transform(MultiAxis(), family=family, sparsity=0.75)
+  out, v = jax.eval_shape(sift.init_with_output, jax.random.key(0), X_MULTI)
+  assert out.shape == (2, 3, 12)
+  shapes = {p: tuple(l.shape) for p, l in zip(tree_paths.leaf_paths(v["params"]),
+                                              jax.tree.leaves(v["params"]))}
+  assert {p: shapes.get(p) for p in MULTI_SHAPES[family]} == MULTI_SHAPES[family]
+  assert abs(sift.solve(X_MULTI[:1]).iso_flop_ratio - 1.0) < 0.005
+
+
+def test_parallel_branch_norm_and_activation_in_the_drop_in_transform():
+  class Single(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name="fc")(x)
+
+  x = jax.random.normal(jax.random.key(7), (3, 5))
+  sift = transform(Single(), family="sparse_parallel", sparsity=0.5, parallel_activation=nn.relu)
+  v = _random_init(sift, x)
+  assert sorted(v["params"]["fc"]) == ["branch_0", "branch_1"]
+  # ReLU inside each branch, then the sum (the reference ImageNet blocks' placement).
+  expect = sum(nn.relu(x @ v["params"]["fc"][b]["kernel"] + v["params"]["fc"][b]["bias"])
+               for b in ("branch_0", "branch_1"))
+  np.testing.assert_allclose(sift.apply(v, x), expect, rtol=1e-6)
+  normed = transform(Single(), family="sparse_parallel", sparsity=0.5, parallel_norm=True,
+                     parallel_activation=nn.relu)
+  paths = tree_paths.leaf_paths(jax.eval_shape(normed.init, jax.random.key(0), x)["params"])
+  assert paths == ["fc/branch_0/bias", "fc/branch_0/kernel", "fc/branch_0_norm/bias",
+                   "fc/branch_0_norm/scale", "fc/branch_1/bias", "fc/branch_1/kernel",
+                   "fc/branch_1_norm/bias", "fc/branch_1_norm/scale"]
+  # reference=True changes sizes, masks and the re-fit, not where norms sit: no branch norm.
+  ref = transform(Single(), family="sparse_parallel", sparsity=0.5, reference=True)
+  paths = tree_paths.leaf_paths(jax.eval_shape(ref.init, jax.random.key(0), x)["params"])
+  assert not any("_norm" in p for p in paths) and len(paths) == 4
+
+
+class Tiny(nn.Module):
+  """So small that whole-count masks cannot hit the 0.5% iso-FLOP tolerance."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(3, name="stem")(x))
+    x = nn.relu(nn.Dense(3, name="mid")(x))
+    return nn.Dense(2, name="head")(x)
+
+
+def test_solve_warns_when_whole_count_masks_miss_the_tolerance():
+  sift = transform(Tiny(), family="sparse_parallel", sparsity=0.5,
+                   policy=SparsityPolicy(dense=("stem", "head")))
+  # Budget 2*3 + 3*3 + 3*2 = 21 MACs; two 3x3 branches keep round(4.5) = 5 weights each: 22.
+  with pytest.warns(IsoFlopToleranceWarning,
+                    match=r"transformed Tiny: the iso-FLOP solve reaches a ratio of 1\.0476 "
+                          r"\(sparse 22 / budget 21 MACs\).*outside the 0\.5% tolerance"):
+    sol = sift.solve(jnp.ones((1, 2)))
+  assert sol.iso_flop_ratio == pytest.approx(22 / 21, rel=1e-12)
+  assert not sol.within_tolerance
+  assert (sol.sparse_macs, sol.base_dense_macs) == (22.0, 21)

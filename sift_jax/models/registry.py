@@ -313,7 +313,10 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
 
   Raises:
     ValueError: unknown model, family or keyword; sparsity outside [0, 1);
-      a width or rank that rounds to zero; a budget no sparsity can meet.
+      a width or rank whose exact size rounds to zero (``round_to`` itself
+      never rounds a positive size to zero: it gives at least one multiple);
+      a budget no sparsity can meet (the message names the largest dense
+      parts, e.g. Sparse Doped's dense ``U V`` at ``round_to=128``).
   """
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")

@@ -2,7 +2,8 @@
 
 from sift_jax.transformations.family import FamilyConfig
 from sift_jax.transformations.isoflop import (ISO_FLOP_TOLERANCE, SOLVE_METHODS, IsoFlopSolution,
-                                              reference_bisection, solve_sparsity)
+                                              IsoFlopToleranceWarning, reference_bisection,
+                                              solve_sparsity)
 from sift_jax.transformations.layers import (BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM,
                                              FACTORIZED_MIDS, NORMS, SparseDoped, SparseFactorized,
                                              SparseParallel, layer_kind, template_dims, widen)
@@ -14,9 +15,10 @@ from sift_jax.transformations.transform import TransformedModel, transform, tran
 
 __all__ = [
     "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "FACTORIZED_MIDS", "FAMILIES", "FamilyConfig",
-    "ISO_FLOP_TOLERANCE", "IsoFlopSolution", "MEMBERS", "NORMS", "SOLVE_METHODS", "SparseDoped",
-    "SparseFactorized", "SparseParallel", "TransformedModel", "check_family", "check_round_to",
-    "layer_dims", "layer_kind", "reference_bisection", "round_to_multiple", "solve_sparsity",
-    "sparse_doped_rank", "sparse_factorized_rank", "sparse_parallel_branches", "sparse_wide_factor",
-    "sparse_wide_width", "template_dims", "transform", "transformed_policy", "widen",
+    "ISO_FLOP_TOLERANCE", "IsoFlopSolution", "IsoFlopToleranceWarning", "MEMBERS", "NORMS",
+    "SOLVE_METHODS", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",
+    "check_family", "check_round_to", "layer_dims", "layer_kind", "reference_bisection",
+    "round_to_multiple", "solve_sparsity", "sparse_doped_rank", "sparse_factorized_rank",
+    "sparse_parallel_branches", "sparse_wide_factor", "sparse_wide_width", "template_dims",
+    "transform", "transformed_policy", "widen",
 ]

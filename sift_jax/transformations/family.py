@@ -21,11 +21,15 @@ class FamilyConfig:
   Attributes:
     family: One of :data:`sift_jax.transformations.sizes.FAMILIES`.
     sparsity: Nominal sparsity ``s`` in [0, 1) that sizes the member.
-    reference: Reproduce the authors' PyTorch code where it differs from the
-      paper (rank rounding, Sparse Wide widths, Parallel branch norms; see the
-      README's table).
-    round_to: Widths and ranks are rounded to a multiple of this (paper rule;
-      128 suits TPUs).
+    reference: The authors' PyTorch size rules where they differ from the
+      paper: Factorized rank ``ceil``, Doped rank ``floor``, Sparse Wide
+      width ``int(w * sqrt(round(1/d)))``, Parallel branches ``round(1/d)``
+      (see the README's table). It does not by itself add the reference's
+      per-branch norms: those are ``parallel_norm``/``parallel_activation``,
+      which the registry ResNets set when built with ``reference=True``.
+    round_to: Widths and ranks are rounded to the nearest multiple of this,
+      and to at least one multiple (paper rule; 128 suits TPUs; ignored by
+      the reference rules).
     factorized_mid: ``"linear"``, ``"norm"`` or ``"norm_relu"`` between U and V.
     norm: ``"batch"`` or ``"layer"``: the norm kind used inside the members
       (Factorized ``mid``, Parallel ``branch_norm``).

@@ -21,6 +21,7 @@ reproduces that loop on the same MAC counts.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -29,8 +30,8 @@ from sift_jax import flops
 from sift_jax.masks import selection, tree_paths
 from sift_jax.masks.densities import check_sparsity, layer_densities
 
-__all__ = ["IsoFlopSolution", "solve_sparsity", "reference_bisection", "SOLVE_METHODS",
-           "ISO_FLOP_TOLERANCE"]
+__all__ = ["IsoFlopSolution", "IsoFlopToleranceWarning", "solve_sparsity", "reference_bisection",
+           "SOLVE_METHODS", "ISO_FLOP_TOLERANCE"]
 
 #: ``closed_form`` (paper rule, exact), ``reference_bisection`` (reference's
 #: Sparse Wide re-fit), ``nominal`` (masks use the nominal ``s``; the
@@ -38,6 +39,14 @@ __all__ = ["IsoFlopSolution", "solve_sparsity", "reference_bisection", "SOLVE_ME
 SOLVE_METHODS = ("closed_form", "reference_bisection", "nominal")
 #: The relative tolerance the library guarantees for ``closed_form``.
 ISO_FLOP_TOLERANCE = 0.005
+
+
+class IsoFlopToleranceWarning(UserWarning):
+  """The closed-form solve could not bring a model within :data:`ISO_FLOP_TOLERANCE`.
+
+  Happens on tiny models, whose masks hold whole numbers of weights (at least
+  one per tensor), so the sparse cost moves in steps coarser than 0.5%.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,26 +75,37 @@ class IsoFlopSolution:
 
   @property
   def iso_flop_ratio(self) -> float:
-    """``sparse_macs / base_dense_macs``."""
+    """The achieved ratio ``sparse_macs / base_dense_macs`` (1.0 is iso-FLOP)."""
     return float(self.sparse_macs) / float(self.base_dense_macs)
 
+  @property
+  def within_tolerance(self) -> bool:
+    """Whether ``|iso_flop_ratio - 1| <= ISO_FLOP_TOLERANCE`` (0.5%)."""
+    return abs(self.iso_flop_ratio - 1.0) <= ISO_FLOP_TOLERANCE
 
-def _split_macs(macs: flops.MacCount, params: Any, policy: selection.SparsityPolicy
-                ) -> tuple[int, float]:
-  """Returns (MACs of uniformly-masked leaves, MACs independent of the sparsity)."""
+
+def _split_rows(macs: flops.MacCount, params: Any, policy: selection.SparsityPolicy
+                ) -> tuple[int, list[tuple[str, float]]]:
+  """Returns (MACs of uniformly-masked leaves, ``[(row, MACs)]`` not depending on the sparsity)."""
   is_sparse = dict(zip(tree_paths.leaf_paths(params),
                        jax.tree.leaves(selection.select_sparse(params, policy))))
-  sparse_part, fixed = 0, 0.0
+  sparse_part, fixed = 0, []
   for row in macs.rows:
     if row.param is not None and is_sparse.get(row.param, False):
       override = policy.density_override(row.param)
       if override is None:
         sparse_part += row.macs
       else:
-        fixed += row.macs * override
+        fixed.append((row.name, row.macs * override))
     else:
-      fixed += row.macs
+      fixed.append((row.name, float(row.macs)))
   return sparse_part, fixed
+
+
+def _largest(rows: list[tuple[str, float]], budget: int, n: int = 3) -> str:
+  """The ``n`` costliest rows, as ``'name' (MACs, % of budget)``."""
+  top = sorted(rows, key=lambda r: -r[1])[:n]
+  return ", ".join(f"{name!r} ({m:,.0f}, {100.0 * m / budget:.1f}%)" for name, m in top)
 
 
 def _exact_sparse_macs(macs: flops.MacCount, params: Any, policy: selection.SparsityPolicy,
@@ -160,7 +180,12 @@ def solve_sparsity(macs: flops.MacCount, params: Any, policy: Optional[selection
     what: Name used in error messages (model name).
 
   Returns:
-    An :class:`IsoFlopSolution`.
+    An :class:`IsoFlopSolution`; its ``iso_flop_ratio`` is the achieved ratio
+    with exact-count masks. With ``closed_form``, a ratio more than
+    :data:`ISO_FLOP_TOLERANCE` away from 1 (only on tiny models, whose masks
+    hold whole numbers of weights) also emits an
+    :class:`IsoFlopToleranceWarning` naming it. The reference methods miss
+    the budget by design and do not warn.
 
   Raises:
     ValueError: if no sparsity in [0, 1) meets the budget: the dense parts
@@ -175,7 +200,8 @@ def solve_sparsity(macs: flops.MacCount, params: Any, policy: Optional[selection
   budget = int(base_dense_macs)
   if budget <= 0:
     raise ValueError(f"{what}: base_dense_macs must be positive, got {base_dense_macs!r}")
-  sparse_part, fixed = _split_macs(macs, params, policy)
+  sparse_part, fixed_rows = _split_rows(macs, params, policy)
+  fixed = float(sum(m for _, m in fixed_rows))
   if sparse_part <= 0:
     raise ValueError(f"{what}: no multiply-accumulate flows through a sparse parameter of the "
                      f"policy {policy!r}; nothing can be solved")
@@ -184,7 +210,8 @@ def solve_sparsity(macs: flops.MacCount, params: Any, policy: Optional[selection
       raise ValueError(
           f"{what}: at nominal sparsity {s_nom} the parts that stay dense cost {fixed:,.0f} MACs, "
           f"at least the dense budget {budget:,}; no sparsity makes the model iso-FLOP "
-          "(lower the sparsity or the round_to)")
+          "(lower the sparsity or the round_to). Largest dense parts (MACs, share of the "
+          f"budget): {_largest(fixed_rows, budget)}")
     solved = 1.0 - (budget - fixed) / sparse_part
     if solved < 0.0:
       if solved < -1e-12:
@@ -200,7 +227,15 @@ def solve_sparsity(macs: flops.MacCount, params: Any, policy: Optional[selection
   else:
     solved = s_nom
   sparse = _exact_sparse_macs(macs, params, policy, solved)
-  return IsoFlopSolution(nominal_sparsity=s_nom, solved_sparsity=float(solved), method=method,
-                         base_dense_macs=budget, dense_macs=macs.total,
-                         sparse_part_macs=int(sparse_part), fixed_macs=float(fixed),
-                         sparse_macs=float(sparse))
+  solution = IsoFlopSolution(nominal_sparsity=s_nom, solved_sparsity=float(solved), method=method,
+                             base_dense_macs=budget, dense_macs=macs.total,
+                             sparse_part_macs=int(sparse_part), fixed_macs=float(fixed),
+                             sparse_macs=float(sparse))
+  if method == "closed_form" and not solution.within_tolerance:
+    warnings.warn(
+        f"{what}: the iso-FLOP solve reaches a ratio of {solution.iso_flop_ratio:.4f} "
+        f"(sparse {solution.sparse_macs:,.0f} / budget {budget:,} MACs) at sparsity "
+        f"{solution.solved_sparsity:.4f}, outside the {ISO_FLOP_TOLERANCE:.1%} tolerance: its "
+        "masks hold whole numbers of weights, too coarse a step for so small a model",
+        IsoFlopToleranceWarning, stacklevel=2)
+  return solution

@@ -9,9 +9,9 @@ and ``C_in -> C_out`` channels, ``D_in = k_1 * .. * k_n * C_in`` and
 Two rule sets exist (SPEC section 2):
 
 * the paper's (default): exact formulas, rounded to the nearest multiple of
-  ``round_to`` (ties up). The whole model's sparsity is re-solved afterwards so
-  that the rounding does not break the iso-FLOP budget
-  (:mod:`sift_jax.transformations.isoflop`);
+  ``round_to`` (ties up) and to at least one multiple. The whole model's
+  sparsity is re-solved afterwards so that the rounding does not break the
+  iso-FLOP budget (:mod:`sift_jax.transformations.isoflop`);
 * the authors' PyTorch reference (``reference=True``): ``ceil`` for Factorized
   ranks, ``floor`` for Doped ranks, ``int(w * sqrt(round(1/d)))`` for Sparse
   Wide widths and ``round(1/d)`` branches, reproduced with the same floating
@@ -62,7 +62,15 @@ def check_round_to(round_to: int) -> int:
 
 
 def round_to_multiple(value: float, multiple: int = 1, *, what: str = "size") -> int:
-  """Rounds ``value`` to the nearest multiple of ``multiple`` (ties go up).
+  """Rounds ``value`` to the nearest multiple of ``multiple`` (ties go up), at least one multiple.
+
+  The granularity never turns a real size into zero: a value that is a
+  positive size at ``multiple=1`` (``value >= 0.5``, i.e. it rounds to at
+  least 1) but lies below half a multiple becomes one multiple (e.g. a rank
+  of 28.8 at ``multiple=128`` is 128, not 0). The iso-FLOP solver then
+  re-solves the mask sparsity for the larger size
+  (:mod:`sift_jax.transformations.isoflop`), and says so if the parts that
+  stay dense alone exceed the budget.
 
   Args:
     value: The exact (real) size.
@@ -73,15 +81,17 @@ def round_to_multiple(value: float, multiple: int = 1, *, what: str = "size") ->
     A positive integer multiple of ``multiple``.
 
   Raises:
-    ValueError: if the rounded value is zero or negative.
+    ValueError: if ``value`` itself rounds to zero or below (``value < 0.5``,
+      e.g. a Sparse Doped rank at ``s = 0``), whatever ``multiple`` is.
   """
   multiple = check_round_to(multiple)
-  out = multiple * int(math.floor(float(value) / multiple + 0.5))
-  if out <= 0:
+  value = float(value)
+  if not math.isfinite(value) or int(math.floor(value + 0.5)) <= 0:
     raise ValueError(
-        f"{what}: the exact size {value:.4g} rounds to {out} with round_to={multiple}; "
-        "choose another sparsity or a smaller round_to")
-  return out
+        f"{what}: the exact size {value:.4g} rounds to "
+        f"{int(math.floor(value + 0.5)) if math.isfinite(value) else value}; "
+        "choose another sparsity")
+  return multiple * max(int(math.floor(value / multiple + 0.5)), 1)
 
 
 def layer_dims(c_in: int, c_out: int, kernel_size: Optional[Sequence[int]] = None) -> tuple[int, int]:
@@ -165,8 +175,9 @@ def sparse_doped_rank(c_in: int, c_out: int, sparsity: float, *,
   ``round_to``; reference: ``floor``.
 
   Raises:
-    ValueError: if the rank is zero (e.g. ``s = 0``, or a tiny layer with a
-      large ``round_to``), naming ``what``.
+    ValueError: if the exact rank rounds to zero (e.g. ``s = 0``, or a tiny
+      layer at a low ``s``), naming ``what``. A positive rank below half of
+      ``round_to`` becomes ``round_to`` (see :func:`round_to_multiple`).
   """
   s = check_sparsity(sparsity)
   d_in, d_out = layer_dims(c_in, c_out, kernel_size)

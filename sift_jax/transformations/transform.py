@@ -27,20 +27,30 @@ Which layers are transformed:
   because Flax creates kernels from the input shape. Without
   ``output_layers`` the last layer called is the output layer; a model with
   residual streams (a transformer block) must name the layers that write into
-  them, else the model's output shape would change (which raises).
+  them. Whatever ``output_layers`` say, the transformed model's output shapes
+  are checked against the original's on every trace, and a change raises a
+  ValueError naming the widened layers that write the output. A layer whose
+  weights are shared by several calls cannot be widened (its calls would see
+  inputs of different widths); that raises a ValueError naming it.
 
+Layers are found by their ``__call__``, whether the input is passed
+positionally (``nn.Dense(8)(x)``) or by keyword (``nn.Dense(8)(inputs=x)``).
 Grouped convolutions (depthwise) and ``DenseGeneral`` with ``batch_dims`` are
-left as they are. Norms inside the members are LayerNorms, so the wrapped
-model needs no new variable collection (``batch_stats``).
+left as they are (a model with no other layer raises, naming them). Norms
+inside the members are LayerNorms, so the wrapped model needs no new variable
+collection (``batch_stats``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax import errors as flax_errors
 import jax
 import jax.numpy as jnp
 
@@ -109,9 +119,52 @@ def _transformable(module: Any) -> bool:
   return True
 
 
+def _untransformable_reason(module: Any) -> Optional[str]:
+  """Why a Dense/DenseGeneral/Conv is left as it is, or None for any other module."""
+  if isinstance(module, nn.Conv) and int(module.feature_group_count) != 1:
+    return (f"grouped convolution, feature_group_count={module.feature_group_count}: grouped and "
+            "depthwise convolutions are not transformed")
+  if isinstance(module, nn.DenseGeneral) and tuple(module.batch_dims):
+    return f"DenseGeneral with batch_dims={tuple(module.batch_dims)} is not transformed"
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _input_name(cls: type) -> Optional[str]:
+  """Name of the first argument of ``cls.__call__`` after ``self`` (``"inputs"`` in Flax)."""
+  try:
+    params = list(inspect.signature(cls.__call__).parameters.values())
+  except (TypeError, ValueError):
+    return None
+  params = params[1:] if params and params[0].name == "self" else params
+  if params and params[0].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                   inspect.Parameter.KEYWORD_ONLY):
+    return params[0].name
+  return None
+
+
+def _layer_input(module: Any, args: tuple, kwargs: dict) -> Any:
+  """The input of a layer call, positional (``layer(x)``) or keyword (``layer(inputs=x)``).
+
+  Both forms are transformed alike. Returns None when the call passes no input.
+  """
+  if args:
+    return args[0]
+  name = _input_name(type(module))
+  return kwargs.get(name) if name is not None else None
+
+
 def _rel_path(module: nn.Module, root: tuple[str, ...]) -> str:
   path = tuple(module.scope.path)
   return "/".join(path[len(root):])
+
+
+def _out_width(features: Any) -> int:
+  return int(features[-1] if isinstance(features, (tuple, list)) else features)
+
+
+def _unique(items: Sequence[Any]) -> list[Any]:
+  return list(dict.fromkeys(items))
 
 
 class _Interceptor:
@@ -124,6 +177,8 @@ class _Interceptor:
     self.output_layers = tuple(output_layers)
     self.seen: list[str] = []
     self.transformed: list[str] = []
+    self.skipped: dict[str, str] = {}  # path -> why a Dense/DenseGeneral/Conv was left as it is
+    self.widened: dict[str, tuple[int, int]] = {}  # Sparse Wide: path -> (features, widened)
 
   def _selected(self, path: str, module: Any, x: Any) -> bool:
     if self.owner.layers is not None:
@@ -133,29 +188,60 @@ class _Interceptor:
     policy = self.owner.policy if self.owner.policy is not None else selection.SparsityPolicy()
     return policy.decide(f"{path}/kernel", _kernel_struct(module, x)).sparse
 
+  def _shape_error(self, path: str, e: Exception) -> ValueError:
+    calls = self.seen.count(path)
+    if calls > 1:
+      shared = (f"it is called {calls} times (shared weights) and Sparse Wide gives its calls "
+                "inputs of different widths")
+    else:
+      shared = "its parameter shape does not match its input"
+    return ValueError(
+        f"transform(): Sparse Wide cannot handle layer {path!r} of {self.owner.wrapped!r}: "
+        f"{shared} ({e}). Name it in output_layers= so that its width is kept (its inputs must "
+        "then keep their width too), or leave it out with layers=")
+
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if (_STATE.depth or context.method_name != "__call__" or not _transformable(module)
-        or module.scope is None or not args):
+    if _STATE.depth or context.method_name != "__call__" or module.scope is None:
+      return next_fun(*args, **kwargs)
+    if not _transformable(module):
+      reason = _untransformable_reason(module)
+      if reason is not None:
+        self.skipped[_rel_path(module, self.root)] = reason
+      return next_fun(*args, **kwargs)
+    x = _layer_input(module, args, kwargs)
+    if x is None:
       return next_fun(*args, **kwargs)
     path = _rel_path(module, self.root)
     self.seen.append(path)
-    if self.config.family == "dense" or not self._selected(path, module, args[0]):
-      return next_fun(*args, **kwargs)
-    if self.config.family == "sparse_wide" and any(re.search(p, path) for p in self.output_layers):
-      return next_fun(*args, **kwargs)
+    wide = self.config.family == "sparse_wide"
+    keep = (self.config.family == "dense" or not self._selected(path, module, x)
+            or (wide and any(re.search(p, path) for p in self.output_layers)))
+    if keep:
+      try:
+        return next_fun(*args, **kwargs)
+      except flax_errors.ScopeParamShapeError as e:
+        if wide:
+          raise self._shape_error(path, e) from e
+        raise
     self.transformed.append(path)
     template = module.clone(parent=None)
-    if self.config.family == "sparse_wide":
-      feats = module.features
-      width = int(feats[-1] if isinstance(feats, (tuple, list)) else feats)
-      replacement = layers_lib.widen(template, self.config.width(width, what=f"layer {path!r} width"),
-                                     parent=module.scope)
+    if wide:
+      width = _out_width(module.features)
+      new_width = self.config.width(width, what=f"layer {path!r} width")
+      self.widened[path] = (width, new_width)
+      replacement = layers_lib.widen(template, new_width, parent=module.scope)
+      call = lambda: replacement(*args, **kwargs)  # the layer's own __call__: same arguments
     else:
       replacement = self.config.wrap(template, parent=module.scope)
+      call = lambda: replacement(x)  # Dense/DenseGeneral/Conv take nothing but the input
     _STATE.depth += 1
     try:
-      return replacement(*args, **kwargs)
+      return call()
+    except flax_errors.ScopeParamShapeError as e:
+      if wide:
+        raise self._shape_error(path, e) from e
+      raise
     finally:
       _STATE.depth -= 1
 
@@ -225,12 +311,15 @@ class TransformedModel(nn.Module):
     root = tuple(self.scope.path)
     output_layers = self.output_layers
     expected = None
-    if self.config.family == "sparse_wide" and output_layers is None:
+    if self.config.family == "sparse_wide":
+      # Sparse Wide is the one member that can change a model's output shape (a widened layer
+      # that writes the output): trace the original abstractly and compare, always.
       calls, expected = self._record(args, kwargs)
       if not calls:
-        raise ValueError(f"transform(): {self.wrapped!r} calls no nn.Dense, nn.DenseGeneral or "
-                         "nn.Conv layer; nothing to transform")
-      output_layers = ("^" + re.escape(calls[-1]) + "$",)
+        raise ValueError(f"transform(): {self.wrapped!r} calls no transformable nn.Dense, "
+                         "nn.DenseGeneral or nn.Conv layer; nothing to transform")
+      if output_layers is None:
+        output_layers = ("^" + re.escape(calls[-1]) + "$",)
     interceptor = _Interceptor(self, root, output_layers or ())
     try:
       with nn.intercept_methods(interceptor):
@@ -242,21 +331,45 @@ class TransformedModel(nn.Module):
       raise ValueError(
           f"transform(): {self.wrapped!r} failed under Sparse Wide ({e}); pass output_layers= with "
           "the layers that write the model output and any residual stream (layers widened: "
-          f"{interceptor.transformed})") from e
+          f"{_unique(interceptor.transformed)})") from e
     if self.config.family != "dense" and not interceptor.transformed:
+      skipped = "".join(f"; not transformed: {p!r} ({why})"
+                        for p, why in interceptor.skipped.items())
+      seen = _unique(interceptor.seen) or "none (no transformable nn.Dense/nn.DenseGeneral/nn.Conv)"
       raise ValueError(
           f"transform(): no layer of {self.wrapped!r} was transformed to {self.config.family}; "
-          f"layers seen: {interceptor.seen or 'none (no nn.Dense/nn.DenseGeneral/nn.Conv)'}; "
-          f"policy={self.policy!r}, layers={self.layers!r}")
+          f"layers seen: {seen}{skipped}; policy={self.policy!r}, layers={self.layers!r}")
     if expected is not None:
-      got = jax.tree.map(lambda t: (tuple(t.shape), t.dtype), out)
-      want = jax.tree.map(lambda t: (tuple(t.shape), t.dtype), expected)
-      if got != want:
-        raise ValueError(
-            f"transform(): Sparse Wide changed the output of {self.wrapped!r} from {want} to {got}; "
-            "pass output_layers= with the layers that write the model output and any residual "
-            f"stream (layers called: {interceptor.seen})")
+      self._check_output(out, expected, interceptor)
     return out
+
+  @nn.nowrap
+  def _check_output(self, out: Any, expected: Any, interceptor: _Interceptor) -> None:
+    """Raises if Sparse Wide changed the model's output shapes, naming the layers that did."""
+    got = jax.tree.map(lambda t: (tuple(t.shape), t.dtype), out)
+    want = jax.tree.map(lambda t: (tuple(t.shape), t.dtype), expected)
+    if got == want:
+      return
+    culprits: list[str] = []
+    changes: list[tuple[int, int]] = []
+    got_leaves, want_leaves = jax.tree.leaves(out), jax.tree.leaves(expected)
+    if len(got_leaves) == len(want_leaves):
+      for g, w in zip(got_leaves, want_leaves):
+        if tuple(g.shape) != tuple(w.shape) and g.ndim == w.ndim and g.ndim:
+          change = (int(w.shape[-1]), int(g.shape[-1]))
+          changes.append(change)
+          culprits += [p for p, widths in interceptor.widened.items() if widths == change]
+    culprits = _unique(culprits)
+    if culprits:
+      widths = ", ".join(f"{a} -> {b}" for a, b in _unique(changes))
+      which = (f"layer(s) {culprits} were widened to the changed output width ({widths} features) "
+               "and likely write the output; add them to output_layers=")
+    else:
+      which = (f"the widened layers are {list(interceptor.widened)}; pass output_layers= with the "
+               "layers that write the model output and any residual stream")
+    raise ValueError(
+        f"transform(): Sparse Wide changed the output of {self.wrapped!r} from {want} to {got}: "
+        f"{which} (output_layers={self.output_layers!r})")
 
   @nn.nowrap
   def sparsity_policy(self) -> selection.SparsityPolicy:
@@ -283,7 +396,18 @@ class TransformedModel(nn.Module):
       **apply_kwargs: Static keyword arguments of the model's ``__call__``.
 
     Returns:
-      An :class:`sift_jax.transformations.IsoFlopSolution`.
+      An :class:`sift_jax.transformations.IsoFlopSolution`; ``iso_flop_ratio``
+      is the achieved ratio (exact-count masks) and ``within_tolerance`` says
+      whether it is within 0.5% of 1. With the paper rules, a miss (possible
+      only on tiny models, whose masks hold whole numbers of weights) also
+      emits an :class:`sift_jax.transformations.IsoFlopToleranceWarning`
+      naming the ratio.
+
+    Raises:
+      ValueError: if no sparsity makes the model iso-FLOP (the parts that
+        stay dense alone exceed the budget, or the model is cheaper than the
+        budget even with all masks one); the message names the model and the
+        largest dense parts.
     """
     cfg = self.config
     base = self.base_model()
@@ -312,7 +436,9 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
               layers: Optional[Sequence[str]] = None,
               output_layers: Optional[Sequence[str]] = None, reference: bool = False,
               round_to: int = 1, factorized_mid: str = "linear",
-              parallel_norm: bool = False) -> TransformedModel:
+              parallel_norm: bool = False,
+              parallel_activation: Optional[Callable[[jax.Array], jax.Array]] = None
+              ) -> TransformedModel:
   """Applies a Sparse-IFT member to a Flax Linen model without editing its code.
 
   Example::
@@ -327,6 +453,27 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
     densities = sift_jax.layer_densities(variables["params"], sol.solved_sparsity,
                                          policy=sift.sparsity_policy())
 
+  What ``reference=True`` changes here, and what it does not:
+
+  * sizes: Factorized rank ``ceil`` and Doped rank ``floor`` of the exact
+    formula, every widened Sparse Wide layer ``int(w * sqrt(round(1/d)))``,
+    Parallel branches ``round(1/d)`` (ties to even); ``round_to`` is not
+    applied;
+  * masks: Sparse Doped's ``U`` and ``V`` are masked too
+    (:meth:`TransformedModel.sparsity_policy`);
+  * :meth:`TransformedModel.solve`: only Sparse Wide is re-fitted (the
+    reference's bisection to 0.1%), the other members keep the nominal ``s``.
+
+  It does not move norms or activations. The reference's Sparse Parallel
+  ResNet blocks put a BatchNorm on every branch in place of the block's
+  BatchNorm (and, in its ImageNet ResNets, a ReLU inside every branch); a
+  drop-in transform replaces only the layer and cannot remove the user's own
+  norm after it. ``parallel_norm=True`` (a LayerNorm per branch) and
+  ``parallel_activation=nn.relu`` build the per-branch part; the model's own
+  norm and activation after the layer still apply. The registry ResNets
+  (``sift_jax.models.get_model(..., reference=True)``) reproduce the
+  reference's placement exactly.
+
   Args:
     model: An unbound Linen module.
     family: ``"dense"``, ``"sparse_wide"``, ``"sparse_parallel"``,
@@ -338,23 +485,33 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
     layers: Regexes on layer paths selecting the layers to transform.
     output_layers: Sparse Wide: regexes of layers whose output width is kept
       (model outputs, residual-stream writers). ``None``: the last layer called.
-    reference: Reference rank/width/branch rules.
-    round_to: Widths and ranks are rounded to this multiple.
+    reference: The reference's size, masking and re-fit rules (see above).
+    round_to: Widths and ranks are rounded to the nearest multiple of this,
+      and to at least one multiple.
     factorized_mid: ``"linear"``, ``"norm"`` or ``"norm_relu"`` (LayerNorm).
-    parallel_norm: A LayerNorm on every Parallel branch.
+    parallel_norm: A LayerNorm on every Parallel branch (before the sum).
+    parallel_activation: Optional activation applied to every Parallel
+      branch, after its norm and before the sum (``nn.relu``: the reference
+      ImageNet blocks).
 
   Returns:
     A :class:`TransformedModel`.
 
   Raises:
     ValueError: for an unknown family, a sparsity outside [0, 1), a model that
-      is not a Linen module, or invalid regexes. A model in which nothing gets
-      transformed raises when it is first traced (``init``/``apply``).
+      is not a Linen module, invalid regexes or a non-callable
+      ``parallel_activation``. A model in which nothing gets transformed, or
+      whose output shape Sparse Wide would change, raises when it is first
+      traced (``init``/``apply``).
   """
   if not isinstance(model, nn.Module):
     raise ValueError(f"transform() expects a flax.linen Module, got {type(model).__name__}")
+  if parallel_activation is not None and not callable(parallel_activation):
+    raise ValueError(f"transform(): parallel_activation must be callable or None, got "
+                     f"{parallel_activation!r}")
   config = FamilyConfig(family=family, sparsity=sparsity, reference=reference, round_to=round_to,
-                        factorized_mid=factorized_mid, norm="layer", parallel_norm=parallel_norm)
+                        factorized_mid=factorized_mid, norm="layer", parallel_norm=parallel_norm,
+                        parallel_activation=parallel_activation)
   layers = (layers,) if isinstance(layers, str) else layers
   output_layers = (output_layers,) if isinstance(output_layers, str) else output_layers
   for name, pats in (("layers", layers), ("output_layers", output_layers)):
