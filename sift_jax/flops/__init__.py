@@ -658,7 +658,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"round_to={spec.round_to}  input {tuple(spec.input_shape)}")
     print(report.format_table())
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
