@@ -17,8 +17,9 @@ from sift_jax import transformations
 from sift_jax.masks import (DISTRIBUTIONS, SparsityPolicy, apply_masks, explain_selection, init_masks,
                             layer_densities, mask_stats, path_str, select_sparse, target_count)
 from sift_jax.models import ModelSpec, get_model, list_models
-from sift_jax.transformations import (FAMILIES, SparseDoped, SparseFactorized, SparseParallel,
-                                      TransformedModel, solve_sparsity, transform, transformed_policy)
+from sift_jax.transformations import (FAMILIES, IsoFlopToleranceWarning, SparseDoped, SparseFactorized,
+                                      SparseParallel, TransformedModel, solve_sparsity, transform,
+                                      transformed_policy)
 from sift_jax.optim import (SparseState, SparseStats, get_masks, get_sparse_state, rigl, set_sparse,
                             sparse_stats, static_sparse)
 
@@ -37,7 +38,7 @@ def __getattr__(name):
   raise AttributeError(f"module 'sift_jax' has no attribute {name!r}")
 
 __all__ = [
-    "FAMILIES", "ModelSpec", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",
+    "FAMILIES", "IsoFlopToleranceWarning", "ModelSpec", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",
     "flops", "get_model", "list_models", "models", "solve_sparsity", "transform", "transformations",
     "transformed_policy",
     "DISTRIBUTIONS", "SparseState", "SparseStats", "SparsityPolicy", "apply_masks",
