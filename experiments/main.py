@@ -15,6 +15,7 @@ Usage (from the repository root)::
 
   python experiments/main.py                  # the full job (16 runs x 3 seeds)
   python experiments/main.py --quick          # a smoke test: 2 runs, 1 seed, few steps
+                                              # (in workdirs/mnist1d_quick)
 
 Runs train in ``--workdir`` (default ``workdirs/mnist1d_main``), one directory
 per run and seed; finished runs are reused when the job is started again
@@ -46,14 +47,26 @@ def _parse_args(argv):
   parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
   parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                       help="configurations trained in parallel processes")
-  parser.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "mnist1d_main"),
-                      help="where the runs train")
-  parser.add_argument("--results", default=os.path.join(REPO, "experiments", "results", "mnist1d"),
-                      help="where the table, JSON and plot go")
+  parser.add_argument("--workdir", default=None,
+                      help="where the runs train (default workdirs/mnist1d_main; with --quick "
+                           "workdirs/mnist1d_quick)")
+  parser.add_argument("--results", default=None,
+                      help="where the table, JSON and plot go (default experiments/results/mnist1d; "
+                           "with --quick workdirs/mnist1d_quick/results, so a smoke test never "
+                           "overwrites the committed results)")
   parser.add_argument("--fresh", action="store_true", help="delete --workdir first (retrain all)")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: dense and sparse_wide-0.5-rigl, 1 seed, 60 steps")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  # A smoke test trains other runs (60 steps): it gets its own workdir and
+  # results, so it neither overwrites the full job's nor is mistaken for them.
+  name = "mnist1d_quick" if args.quick else "mnist1d_main"
+  if args.workdir is None:
+    args.workdir = os.path.join(REPO, "workdirs", name)
+  if args.results is None:
+    args.results = (os.path.join(REPO, "workdirs", name, "results") if args.quick
+                    else os.path.join(REPO, "experiments", "results", "mnist1d"))
+  return args
 
 
 def _train_group(config_path, base_overrides, run, seeds, workdir):

@@ -5,8 +5,15 @@ Usage::
   python -m sift_jax.train --config experiments/configs/NAME.py --workdir DIR \
       [--config.KEY=VALUE ...]
 
-The config is locked: overriding a key it does not have is an error. A workdir
-that holds a checkpoint of the same run is resumed; one that holds another
+Overriding a key the config does not have is an error listing the known keys
+of its section, except in the free-form sections ``model.kwargs`` and
+``dataset.options``, whose keys depend on the model and the dataset:
+``--config.dataset.options.num_samples=1000`` or
+``--config.model.kwargs.hidden='(64, 64)'`` may add a key (the value is read
+as a Python literal, else as a string). The parsed config is then locked. A
+workdir that holds a checkpoint of the same run is resumed (only operational
+keys such as logging, eval and checkpoint intervals may change, see
+``sift_jax.training.config.RESUME_OPERATIONAL_KEYS``); one that holds another
 run's checkpoint is refused. Multi-host (TPU pods, or CPU processes with
 ``--coordinator_address``): every process runs the same command; see
 ``--jax_distributed``.
@@ -19,6 +26,7 @@ dataset not prepared, bad config value), 2 on a bad command line.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import app
@@ -26,8 +34,12 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+# Unlocked while parsing so that the free-form sections accept new keys; every other
+# override is checked against the known keys (_check_override_keys) and the config is
+# locked after parsing.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file (a Python file with get_config()).", lock_config=True)
+    "config", None, "Training config file (a Python file with get_config()).", lock_config=False,
+    accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, summary).")
 _JAX_DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False,
@@ -42,10 +54,32 @@ _CPU_COLLECTIVES = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def override_keys(argv: list[str]) -> list[str]:
+  """The dotted config keys that ``--config.KEY=VALUE`` (or ``--[no]config.KEY``) arguments set."""
+  out = []
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if match:
+      out.append(match.group(1))
+  return out
+
+
+def _check_override_keys(argv: list[str]) -> None:
+  """Raises ``ValueError`` for an override of a key outside the free-form sections that
+  :func:`sift_jax.training.default_config` does not have (naming the section's known keys)."""
+  from sift_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  for key in override_keys(argv):
+    config_lib.check_key(key)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing; unknown or mistyped config overrides become one clear line."""
   try:
-    return flags.FLAGS(argv)
+    _check_override_keys(argv[1:])
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
     sys.exit(2)
@@ -58,6 +92,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     print(f"error: bad config override among {bad}: {message}", file=sys.stderr)
     sys.exit(2)
+  try:
+    _CONFIG.value.lock()  # the free-form sections took their new keys: no more
+  except OSError as e:  # ml_collections defers a config file that failed to load to here
+    print(f"error: --config: {e}", file=sys.stderr)
+    sys.exit(2)
+  return rest
 
 
 def _maybe_initialize_distributed() -> None:

@@ -6,9 +6,11 @@ import os
 import re
 
 import pytest
+import tensorflow_datasets as tfds
 
 from sift_jax import models, training
-from sift_jax.training import sweep
+from sift_jax.data import get_dataset_info
+from sift_jax.training import loop, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
@@ -42,7 +44,7 @@ def test_config_validates_and_its_sweep_is_valid(path):
     config.training.nmu_steps = 3
 
 
-def test_cifar100_resnet18_is_the_papers_recipe_and_grid():
+def test_cifar100_resnet18_is_the_papers_recipe_and_grid(tmp_path):
   module = _load("cifar100_resnet18.py")
   c = module.get_config()
   assert (c.dataset.name, c.model.name) == ("cifar100", "resnet18_cifar")
@@ -60,11 +62,19 @@ def test_cifar100_resnet18_is_the_papers_recipe_and_grid():
       assert f"{member}-{s}-rigl" in names
   assert sorted(n for n in names if n.endswith("static")) == [
       "sparse_wide-0.5-static", "sparse_wide-0.75-static", "sparse_wide-0.9-static"]
-  # The multistep boundaries land on the right steps: 391 steps per epoch (50,000 / 128).
-  sched = training.make_schedule(c, total_steps=200 * 391, steps_per_epoch=391)
-  assert math.isclose(float(sched(60 * 391 - 1)), 0.1, rel_tol=1e-6)
-  assert math.isclose(float(sched(60 * 391)), 0.02, rel_tol=1e-6)
-  assert math.isclose(float(sched(160 * 391)), 0.1 * 0.2 ** 3, rel_tol=1e-5)
+  # Steps per epoch as the training loop derives them from the pipeline (TFDS cifar100
+  # mocked with the real 50,000 training examples): the partial batch is dropped, 390.
+  with tfds.testing.mock_data(num_examples=50_000):
+    info = get_dataset_info("cifar100", split="train", data_dir=str(tmp_path))
+  assert info.num_examples == 50_000
+  spe, total = loop.training_length(c, info)
+  assert (spe, total) == (390, 200 * 390)
+  assert c.training.eval_every_steps == 10 * spe and c.training.checkpoint_every_steps == 5 * spe
+  # The multistep boundaries land on the right steps.
+  sched = training.make_schedule(c, total_steps=total, steps_per_epoch=spe)
+  assert math.isclose(float(sched(60 * spe - 1)), 0.1, rel_tol=1e-6)
+  assert math.isclose(float(sched(60 * spe)), 0.02, rel_tol=1e-6)
+  assert math.isclose(float(sched(160 * spe)), 0.1 * 0.2 ** 3, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("name,model", [("imagenet_resnet18.py", "resnet18_imagenet"),

@@ -17,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sift_jax import data
+from sift_jax.data import augment as augment_lib
 
 
 def _mock(n=24):
@@ -116,6 +117,52 @@ def test_random_resized_crop_shapes(shape):
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
 
 
+def _coordinate_image(height, width):
+  """uint8 image whose pixel (y, x) holds (y, x, 0): a crop reveals where it was cut."""
+  assert height <= 256 and width <= 256
+  yy, xx = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return np.stack([yy, xx, np.zeros_like(yy)], -1).astype(np.uint8)
+
+
+def test_random_resized_crop_respects_scale_and_aspect_ratio_bounds(monkeypatch):
+  crops = []
+  monkeypatch.setattr(augment_lib, "_resize", lambda crop, h, w: crops.append(crop) or crop)
+  scale, ratio = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
+  for height, width in ((200, 240), (256, 90), (64, 64)):
+    image = _coordinate_image(height, width)
+    area = height * width
+    fractions, aspects = [], []
+    for seed in range(300):
+      crops.clear()
+      data.random_resized_crop(image, np.random.default_rng(seed), size=224)
+      (crop,) = crops
+      h, w = crop.shape[:2]
+      top, left = int(crop[0, 0, 0]), int(crop[0, 0, 1])
+      # A window of the image, inside it.
+      assert 0 < h <= height and 0 < w <= width
+      np.testing.assert_array_equal(crop, image[top:top + h, left:left + w])
+      # Area a scale-fraction of the image and aspect ratio in bounds, up to the
+      # rounding of the crop's sides to whole pixels.
+      assert (h + 0.5) * (w + 0.5) >= scale[0] * area
+      assert (h - 0.5) * (w - 0.5) <= scale[1] * area
+      assert (w - 0.5) / (h + 0.5) <= ratio[1] and (w + 0.5) / (h - 0.5) >= ratio[0]
+      fractions.append(h * w / area)
+      aspects.append(w / h)
+    # The whole range is sampled, not just one corner of it (a 256 x 90 image has no
+    # in-bounds crop of more than half its area).
+    assert min(fractions) < 0.2 and max(fractions) > (0.4 if width < height / 2 else 0.8)
+    assert min(aspects) < 0.85 and max(aspects) > 1.2
+  # An image too elongated for any in-bounds crop: the central crop of the largest
+  # in-bounds aspect ratio.
+  image = _coordinate_image(20, 200)
+  crops.clear()
+  data.random_resized_crop(image, np.random.default_rng(0), size=224)
+  (crop,) = crops
+  assert crop.shape[:2] == (20, round(20 * 4 / 3))
+  left = (200 - crop.shape[1]) // 2
+  np.testing.assert_array_equal(crop, image[:, left:left + crop.shape[1]])
+
+
 def test_imagenet_eval_resize_and_center_crop():
   image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
   resized = data.resize_shorter_side(image, size=256)
@@ -177,6 +224,56 @@ def test_tfds_image_pipelines_under_mock_data(tmp_path, name, split, classes,
     mean, std = np.array(info.mean), np.array(info.std)
     assert np.all(b["image"] >= ((0 - mean) / std).astype(np.float32) - 1e-5)
     assert np.all(b["image"] <= ((1 - mean) / std).astype(np.float32) + 1e-5)
+
+
+def test_imagenet_train_and_eval_recipes_under_mock_data(tmp_path, monkeypatch):
+  """Eval: resize the shorter side to 256, center crop 224; train: random-resized crop + flip."""
+  calls = []
+
+  def spy(name):
+    real = getattr(augment_lib, name)
+
+    def wrapped(image, *args, **kwargs):
+      calls.append((name, kwargs.get("size")))
+      return real(image, *args, **kwargs)
+    return wrapped
+
+  for name in ("random_resized_crop", "random_horizontal_flip", "resize_shorter_side",
+               "center_crop", "random_crop_with_padding"):
+    monkeypatch.setattr(augment_lib, name, spy(name))
+  eval_tf = data.ImageClassificationTransform(
+      recipe="imagenet_eval", mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, image_size=224)
+  kw = dict(batch_size=6, data_dir=tmp_path, process_index=0, process_count=1)
+  with _mock(6):
+    raw_val = tfds.data_source("imagenet2012", split="validation", data_dir=tmp_path)
+    raw_val = [raw_val[i] for i in range(6)]
+    raw_train = tfds.data_source("imagenet2012", split="train", data_dir=tmp_path)
+    raw_train = [raw_train[i] for i in range(6)]
+    calls.clear()
+    (val,) = list(data.make_dataset("imagenet2012", split="validation", **kw))
+    eval_calls = sorted(set(calls))
+    calls.clear()
+    train = [next(data.make_dataset("imagenet2012", split="train", seed=seed, shuffle=False, **kw))
+             for seed in (0, 1)]
+    train_calls = sorted(set(calls))
+    plain = next(data.make_dataset("imagenet2012", split="train", shuffle=False, augment=False,
+                                   **kw))
+  assert eval_calls == [("center_crop", 224), ("resize_shorter_side", 256)]
+  assert train_calls == [("random_horizontal_flip", None), ("random_resized_crop", 224)]
+  # The eval batch is exactly the eval recipe applied to the source images.
+  expected_val = np.stack([eval_tf.map(r)["image"] for r in raw_val])
+  np.testing.assert_array_equal(val["image"], expected_val)
+  np.testing.assert_array_equal(val["label"], [r["label"] for r in raw_val])
+  # Train images without augmentation get the eval recipe; with it they differ from it
+  # and from one seed to another, the examples (labels) staying the same.
+  expected_train = np.stack([eval_tf.map(r)["image"] for r in raw_train])
+  np.testing.assert_array_equal(plain["image"], expected_train)
+  for batch in train:
+    np.testing.assert_array_equal(batch["label"], plain["label"])
+    assert batch["image"].shape == expected_train.shape
+    for i in range(6):
+      assert not np.array_equal(batch["image"][i], expected_train[i])
+  assert all(not np.array_equal(train[0]["image"][i], train[1]["image"][i]) for i in range(6))
 
 
 def test_cifar_eval_batch_is_the_normalised_source(tmp_path):

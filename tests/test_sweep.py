@@ -70,6 +70,18 @@ def test_run_sweep_aggregates_and_skips_finished_runs(tmp_path):
   assert calls == []
   assert [r["summary"]["final_eval_loss"] for r in again] == [r["summary"]["final_eval_loss"]
                                                                for r in records]
+  # Operational keys may differ; anything else in a finished run's config is an error, not a
+  # result taken for this sweep's.
+  relogged = training.apply_overrides(tiny_base(), {"training.log_every_steps": 4})
+  sweep.run_sweep(relogged, runs, seeds=[0, 1], workdir=str(tmp_path), train_fn=counting,
+                  log=lines.append)
+  assert calls == []
+  longer = training.apply_overrides(tiny_base(), {"training.num_steps": 13})
+  with pytest.raises(ValueError, match=r"dense/seed_0 holds a finished run with another config "
+                                       r"\(training.num_steps: finished run has 12, this sweep 13\)"):
+    sweep.run_sweep(longer, runs, seeds=[0, 1], workdir=str(tmp_path), train_fn=counting,
+                    log=lines.append)
+  assert calls == []
 
 
 def test_run_sweep_rejects_bad_entries_before_training(tmp_path):
@@ -122,3 +134,16 @@ def test_main_job_quick(tmp_path):
   png = (results / "accuracy_vs_sparsity.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
   assert (results / "table.md").read_text().count("\n|") >= 3
+
+
+def test_main_job_quick_never_shares_the_full_jobs_directories():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("main_job", os.path.join(REPO, "experiments", "main.py"))
+  main_job = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(main_job)
+  full, quick = main_job._parse_args([]), main_job._parse_args(["--quick"])
+  assert full.workdir == os.path.join(REPO, "workdirs", "mnist1d_main")
+  assert full.results == os.path.join(REPO, "experiments", "results", "mnist1d")
+  assert quick.workdir == os.path.join(REPO, "workdirs", "mnist1d_quick")
+  assert quick.results == os.path.join(REPO, "workdirs", "mnist1d_quick", "results")
+  assert main_job._parse_args(["--quick", "--results", "/tmp/r"]).results == "/tmp/r"

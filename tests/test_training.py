@@ -81,6 +81,57 @@ def test_validate_config_names_unknown_keys_and_bad_values():
     training.validate_config(_config(**{"training.grad_accum_steps": 3}))
 
 
+def test_check_key_accepts_free_sections_and_names_known_keys():
+  training.config.check_key("training.num_steps")
+  training.config.check_key("model.kwargs.anything_new")
+  training.config.check_key("dataset.options.num_samples")
+  training.config.check_key("model.kwargs")
+  with pytest.raises(ValueError, match=r"unknown config key 'training.nmu_steps'; known keys of "
+                                       r"training: \['batch_size', "):
+    training.config.check_key("training.nmu_steps")
+  with pytest.raises(ValueError, match=r"no section 'model.kwarg'; known keys of model: \['family', "):
+    training.config.check_key("model.kwarg.hidden")
+  with pytest.raises(ValueError, match=r"'seed' is not a section"):
+    training.config.check_key("seed.value")
+
+
+def test_resume_differences_ignore_only_operational_keys():
+  base = training.config.resume_config(_config(**{"model.kwargs.hidden": (8, 8)}))
+  assert base["model.kwargs.hidden"] == [8, 8] and base["mesh.rules"] == []
+  same = training.config.resume_config(_config(**{
+      "model.kwargs.hidden": [8, 8], "training.log_every_steps": 7, "training.eval_every_steps": 3,
+      "training.checkpoint_every_steps": 9, "training.keep_checkpoints": 1, "training.progress_bar": False,
+      "training.spectral_every_steps": 5, "training.eval_batch_size": 64, "dataset.data_dir": "/elsewhere",
+      "dataset.options.num_threads": 4, "mesh.data": 2}))
+  assert training.config.resume_differences(base, same) == []
+  other = training.config.resume_config(_config(**{
+      "model.kwargs.hidden": (8, 9), "optimizer.momentum": 0.5, "training.num_epochs": 2.0,
+      "dataset.options.num_samples": 100}))
+  missing = training.config.MISSING
+  assert training.config.resume_differences(base, other) == [
+      ("dataset.options.num_samples", missing, 100), ("model.kwargs.hidden", [8, 8], [8, 9]),
+      ("optimizer.momentum", 0.9, 0.5), ("training.num_epochs", 1.0, 2.0)]
+
+
+def test_batch_blocks_of_processes():
+  from sift_jax.training import loop
+  # Data-parallel over processes: each process holds its own contiguous block.
+  assert loop._batch_block([(0, 4), (4, 8)], 16) == (0, 2)
+  assert loop._batch_block([(8, 12), (12, 16)], 16) == (1, 2)
+  # A model axis across processes: replicas hold (and so read) the same rows.
+  assert loop._batch_block([(8, 12), (8, 12)], 16) == (2, 4)
+  assert loop._batch_block([(0, 16)] * 4, 16) == (0, 1)
+  with pytest.raises(ValueError, match=r"batch rows \[\(0, 4\), \(8, 12\)\] .* one contiguous"):
+    loop._batch_block([(0, 4), (8, 12)], 16)
+  with pytest.raises(ValueError, match="contiguous, equal block"):
+    loop._batch_block([(4, 10)], 16)
+  # One process holds every row of any mesh of its devices.
+  for data, model in ((8, 1), (4, 2), (1, 8)):
+    mesh = sift_jax.sharding.make_mesh(data, model)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    assert loop._process_block(sharding, 64) == (0, 1)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 def test_schedules_golden_values():

@@ -49,8 +49,11 @@ def _train(tmp_path, *args, timeout=120):
 
 def test_cli_trains_writes_summary_and_refuses_unknown_keys(tmp_path):
   workdir = tmp_path / "run"
+  # dataset.options.data_seed and model.kwargs.round_to are not in the config file: the
+  # free-form sections accept new keys from the command line.
   out = _train(tmp_path, "--workdir", str(workdir), "--config.training.num_steps=12",
-               "--config.optimizer.learning_rate=0.05")
+               "--config.optimizer.learning_rate=0.05", "--config.dataset.options.data_seed=7",
+               "--config.model.kwargs.round_to=8")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "final_eval_accuracy=" in out.stdout
   summary = json.loads((workdir / "summary.json").read_text())
@@ -60,6 +63,8 @@ def test_cli_trains_writes_summary_and_refuses_unknown_keys(tmp_path):
   assert summary["steps"] == 12
   assert summary["config"]["optimizer"]["learning_rate"] == 0.05
   assert summary["config"]["model"]["family"] == "sparse_parallel"
+  assert summary["config"]["dataset"]["options"] == {"num_samples": 1000, "data_seed": 7}
+  assert summary["config"]["model"]["kwargs"] == {"hidden": [32, 32, 32], "round_to": 8}
   # Iso-FLOP forward cost, and RigL's dense-gradient steps cost a little more.
   assert summary["forward_flops_ratio"] == pytest.approx(1.0, abs=0.02)
   assert 1.0 < summary["train_flops_ratio"] < 1.1
@@ -69,6 +74,12 @@ def test_cli_trains_writes_summary_and_refuses_unknown_keys(tmp_path):
   bad = _train(tmp_path, "--workdir", str(tmp_path / "bad"), "--config.training.nmu_steps=3")
   assert bad.returncode == 2
   assert "nmu_steps" in bad.stderr and "Traceback" not in bad.stderr
+  assert "known keys of training: ['batch_size'" in bad.stderr
+  assert not (tmp_path / "bad").exists()
+  missing = subprocess.run([sys.executable, "-m", "sift_jax.train", "--config", str(tmp_path / "nope.py"),
+                            "--workdir", str(tmp_path / "bad")], cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+  assert missing.returncode == 2 and "nope.py" in missing.stderr and "Traceback" not in missing.stderr
   assert not (tmp_path / "bad").exists()
 
   # The workdir holds another run's checkpoint: a clear error, exit 1, nothing changed.
@@ -109,3 +120,16 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert step >= 10
   assert os.listdir(workdir / "checkpoints") == [str(step)]
   assert not (workdir / "summary.json").exists()
+
+
+def test_override_keys_outside_free_sections_must_exist():
+  from sift_jax import train
+  argv = ["--config", "c.py", "--config.dataset.options.num_samples=10", "--config.model.kwargs.width",
+          "3", "--noconfig.training.progress_bar", "--workdir=x"]
+  assert train.override_keys(argv) == ["dataset.options.num_samples", "model.kwargs.width",
+                                       "training.progress_bar"]
+  train._check_override_keys(argv)  # new keys in free-form sections: accepted
+  with pytest.raises(ValueError, match=r"unknown config key 'optimizer.lr'; known keys of optimizer: "):
+    train._check_override_keys(["--config.optimizer.lr=0.1"])
+  with pytest.raises(ValueError, match=r"no section 'dataset.option'"):
+    train._check_override_keys(["--config.dataset.option.num_samples=10"])

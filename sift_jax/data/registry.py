@@ -472,8 +472,12 @@ def make_dataset(
       epoch is reshuffled.
     drop_remainder: drop the last incomplete batch of a finite stream;
       default ``True`` for training splits, ``False`` otherwise.
-    process_index: this process; default ``jax.process_index()``.
-    process_count: number of processes; default ``jax.process_count()``.
+    process_index: which of ``process_count`` equal, contiguous blocks of
+      every global batch this iterator reads; default ``jax.process_index()``.
+    process_count: number of blocks; default ``jax.process_count()``. The
+      training loop passes the block its devices hold in the batch sharding,
+      so processes that are replicas of each other (a ``model`` mesh axis
+      spanning processes) read the same block.
     data_dir: TFDS data directory (default: ``TFDS_DATA_DIR`` or
       ``~/tensorflow_datasets``). Ignored by offline datasets.
     augment: default ``True`` for training splits of CIFAR/ImageNet; other

@@ -9,13 +9,26 @@ One checkpoint holds three items:
   :class:`sift_jax.SparseState` come back typed and already sharded;
 * ``data``: the training data iterator's JSON state;
 * ``meta``: a fingerprint of the run (every state leaf's path, shape and dtype,
-  and the config entries that decide them). Restoring into a run whose
-  fingerprint differs is refused with a message naming the first differences,
-  and nothing in the directory is touched.
+  and the config entries that decide them) and the run's resolved config.
+  Restoring into a run whose fingerprint or config differs (beyond the
+  operational keys of
+  :data:`sift_jax.training.config.RESUME_OPERATIONAL_KEYS`) is refused with a
+  message naming the differences, and nothing in the directory is touched.
+
+Retention is verified-first. A checkpoint of step ``s`` holds the state after
+``s`` updates; it is *verified* once the loss computed from that state (the
+training loss of step ``s``, or an eval at step ``s``) was found finite. The
+newest ``keep`` verified checkpoints are kept, and the newer, not yet verified
+ones besides them (at most one in the training loop, which checks the losses
+before every save); a verified checkpoint is only deleted once ``keep`` newer
+verified ones exist. A non-finite loss at step ``b`` deletes the checkpoints of
+steps ``>= b`` (:meth:`Checkpointer.discard_from`): they hold the state that
+produced it, or states computed from it. Orbax's own ``max_to_keep`` is off.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -24,10 +37,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sift_jax.masks import tree_paths
+from sift_jax.training import config as config_lib
 
 __all__ = ["Checkpointer", "IncompatibleCheckpointError", "state_fingerprint"]
 
 _FORMAT = "sift_jax.training.checkpoint/v1"
+_log = logging.getLogger("sift_jax")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -44,42 +59,99 @@ def state_fingerprint(abstract_state: Any) -> dict[str, list]:
 
 
 class Checkpointer:
-  """Save / restore a run's state, data-iterator state and fingerprint.
+  """Save / restore a run's state, data-iterator state, fingerprint and config.
 
   Args:
     directory: Checkpoint directory (made absolute, created if missing).
-    keep: Number of most recent checkpoints to keep.
+    keep: Number of most recent *verified* checkpoints to keep (see the
+      module docstring); newer unverified ones are kept besides them.
     run_fingerprint: JSON-able description of what the state's layout depends
       on (model, family, sparsity, optimizer...); compared on restore together
       with :func:`state_fingerprint`.
+    run_config: The run's resolved config as
+      :func:`sift_jax.training.config.resume_config` gives it, stored in every
+      checkpoint. On restore, a checkpoint that stores one is compared key by
+      key (operational keys excepted) instead of ``run_fingerprint``. ``None``
+      stores and compares no config.
     async_save: Write in a background thread (the default); :meth:`close`
       and :meth:`wait` block until writes end.
+
+  On opening a directory that already holds checkpoints, every one but the
+  newest counts as verified (the loop saves a checkpoint only after checking
+  the losses of all earlier steps); the newest is verified by the resumed run.
   """
 
   def __init__(self, directory: str, *, keep: int, run_fingerprint: Mapping[str, Any],
-               async_save: bool = True):
-    if keep < 1:
-      raise ValueError(f"keep must be >= 1, got {keep}")
+               run_config: Optional[Mapping[str, Any]] = None, async_save: bool = True):
+    if not isinstance(keep, (int, np.integer)) or keep < 1:
+      raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     self.directory = os.path.abspath(os.fspath(directory))
+    self._keep = int(keep)
     self._run_fingerprint = dict(run_fingerprint)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    self._run_config = None if run_config is None else dict(run_config)
+    # Retention is managed here (verified-first), not by orbax's max_to_keep.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "meta"))
+    steps = sorted(self.all_steps())
+    # States with step <= this watermark have a verified finite loss.
+    self._verified_through = steps[-2] if len(steps) > 1 else -1
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(int(s) for s in self._manager.all_steps())
+
+  def verified_steps(self) -> list[int]:
+    """Steps of the kept checkpoints whose state's loss was verified finite."""
+    return [s for s in self.all_steps() if s <= self._verified_through]
+
+  def last_verified_step(self) -> Optional[int]:
+    """The newest verified checkpoint (the last good one), or None."""
+    verified = self.verified_steps()
+    return verified[-1] if verified else None
 
   def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
-    """Saves a checkpoint at ``step`` (asynchronously); drops the oldest beyond ``keep``."""
+    """Saves a checkpoint at ``step`` (asynchronously).
+
+    It counts as verified if :meth:`mark_verified` already covered ``step``;
+    then the oldest verified checkpoints beyond ``keep`` are deleted.
+    """
     meta = {"format": _FORMAT, "step": int(step), "run": self._run_fingerprint,
             "state": state_fingerprint(state)}
+    if self._run_config is not None:
+      meta["config"] = self._run_config
     self._manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state)),
         meta=ocp.args.JsonSave(meta)), force=True)
+    self._prune()
+
+  def mark_verified(self, step: int) -> None:
+    """Records that the states of steps ``<= step`` have finite losses; prunes beyond ``keep``."""
+    if int(step) > self._verified_through:
+      self._verified_through = int(step)
+      self._prune()
+
+  def _prune(self) -> None:
+    verified = self.verified_steps()
+    stale = verified[:-self._keep]
+    if stale:
+      self._manager.wait_until_finished()
+      for s in stale:
+        self._manager.delete(s)
+
+  def discard_from(self, step: int) -> None:
+    """Deletes the checkpoints of steps ``>= step`` (they hold a non-finite state).
+
+    Waits for pending writes first.
+    """
+    self._manager.wait_until_finished()
+    for s in self.all_steps():
+      if s >= int(step):
+        self._manager.delete(s)
+    self._verified_through = min(self._verified_through, int(step) - 1)
 
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises :class:`IncompatibleCheckpointError` if checkpoint ``step`` is another run's."""
@@ -94,10 +166,19 @@ class Checkpointer:
           f"{self.directory} step {step} is not a sift_jax training checkpoint (format "
           f"{meta.get('format') if isinstance(meta, Mapping) else None!r}); use another --workdir")
     problems = []
-    saved_run = meta.get("run", {})
-    for key in sorted(set(saved_run) | set(self._run_fingerprint)):
-      if saved_run.get(key) != self._run_fingerprint.get(key):
-        problems.append(f"{key}: checkpoint has {saved_run.get(key)!r}, this run {self._run_fingerprint.get(key)!r}")
+    saved_config = meta.get("config")
+    if self._run_config is not None and isinstance(saved_config, Mapping):
+      for key, saved, current in config_lib.resume_differences(saved_config, self._run_config):
+        problems.append(f"{key}: checkpoint has {_show(saved)}, this run {_show(current)}")
+    else:
+      if self._run_config is not None:
+        _log.warning("sift_jax: %s step %d stores no config; comparing the model and optimizer only",
+                     self.directory, step)
+      saved_run = meta.get("run", {})
+      for key in sorted(set(saved_run) | set(self._run_fingerprint)):
+        if saved_run.get(key) != self._run_fingerprint.get(key):
+          problems.append(f"{key}: checkpoint has {saved_run.get(key)!r}, this run "
+                          f"{self._run_fingerprint.get(key)!r}")
     saved_state = meta.get("state", {})
     current = state_fingerprint(abstract_state)
     for path in sorted(set(saved_state) | set(current)):
@@ -109,10 +190,13 @@ class Checkpointer:
         problems.append(f"state leaf {path!r}: checkpoint shape/dtype {saved_state[path]}, "
                         f"this run {current[path]}")
     if problems:
-      shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+      shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
       raise IncompatibleCheckpointError(
           f"{self.directory} holds an incompatible checkpoint (step {step}): {shown}. "
-          "Nothing was changed; use another --workdir or move that directory away")
+          "A resumed run must use the config it started with (only logging, eval, checkpoint, "
+          "progress-bar, data-location and mesh-layout keys may change). Nothing was changed; "
+          "use another --workdir (or move that directory away) to start a new run, or pass the "
+          "checkpoint's values to continue this one")
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
     """Restores ``(state, data_state, step)`` of ``step`` (default: the latest).
@@ -146,3 +230,7 @@ class Checkpointer:
     """Waits for pending writes and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _show(value: Any) -> str:
+  return "no such key" if value is config_lib.MISSING else repr(value)

@@ -1,11 +1,17 @@
 """The training configuration: every key, its default, and validation.
 
 Experiment files (``experiments/configs/*.py``) start from
-:func:`default_config` and change values; they never add keys. The CLI locks
-the config, so ``--config.KEY=VALUE`` with an unknown ``KEY`` is an error, and
-:func:`validate_config` rejects unknown keys and bad values in configs built
-in Python (a sweep's overrides, a test's config) with a ``ValueError`` naming
-the key.
+:func:`default_config` and change values; they never add keys outside the
+free-form sections ``model.kwargs`` and ``dataset.options`` (whose keys depend
+on the model and the dataset). On the CLI, ``--config.KEY=VALUE`` with an
+unknown ``KEY`` outside those sections is an error listing the known keys of
+its section (:func:`check_key`), while ``--config.model.kwargs.NAME=VALUE`` and
+``--config.dataset.options.NAME=VALUE`` may add keys; :func:`validate_config`
+rejects unknown keys and bad values in configs built in Python (a sweep's
+overrides, a test's config) with a ``ValueError`` naming the key.
+
+A run resumed from a checkpoint must use the config it started with, except
+for the operational keys of :data:`RESUME_OPERATIONAL_KEYS` (see there).
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-__all__ = ["default_config", "validate_config", "apply_overrides", "flatten_config",
+__all__ = ["default_config", "validate_config", "apply_overrides", "flatten_config", "check_key",
+           "resume_config", "resume_differences", "RESUME_OPERATIONAL_KEYS", "FREE_SECTIONS",
            "OPTIMIZERS", "SCHEDULES", "SPARSE_METHODS", "COMPUTE_DTYPES", "FAMILIES"]
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
@@ -23,7 +30,43 @@ SCHEDULES = ("constant", "step", "multistep", "cosine")
 SPARSE_METHODS = ("none", "static", "set", "rigl")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Sections whose keys depend on the model / dataset: free-form.
-_FREE_SECTIONS = ("model.kwargs", "dataset.options")
+FREE_SECTIONS = ("model.kwargs", "dataset.options")
+_FREE_SECTIONS = FREE_SECTIONS
+
+# Keys a resumed run may change. They decide what is logged, evaluated, saved and
+# shown, how fast data is read, where data lives and how arrays are laid out over
+# devices, never what the training computes, so a resumed run trains the same
+# state as an uninterrupted one. Two caveats: a changed ``mesh.*`` layout (a
+# preempted job resumed on another slice) reduces in another order, so the
+# result agrees within float tolerance instead of bitwise; ``eval_batch_size``
+# and ``eval_every_steps`` change eval numbers only (``eval_batch_size`` up to
+# float rounding of the loss sums, ``eval_every_steps`` which evals
+# ``best_eval_*`` sees). Every other key (seed, data, model, sparsity method,
+# optimizer, schedule, training length, batch size, precision...) is refused.
+RESUME_OPERATIONAL_KEYS = (
+    "training.log_every_steps",
+    "training.eval_every_steps",
+    "training.checkpoint_every_steps",
+    "training.keep_checkpoints",
+    "training.progress_bar",
+    "training.spectral_every_steps",
+    "training.eval_batch_size",
+    "dataset.data_dir",
+    "dataset.options.num_threads",
+    "dataset.options.prefetch_buffer_size",
+    "mesh.data",
+    "mesh.model",
+    "mesh.rules",
+)
+
+
+class _Missing:
+  def __repr__(self):
+    return "MISSING"
+
+
+# Value of a key one side of :func:`resume_differences` does not have.
+MISSING = _Missing()
 FAMILIES = ("dense", "sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
 
 
@@ -59,12 +102,15 @@ def default_config() -> ml_collections.ConfigDict:
     training.label_smoothing: Label smoothing of the cross-entropy.
     training.log/eval/checkpoint_every_steps: Intervals (0 = only at the end).
     training.spectral_every_steps: Spectral metrics of the masks every N steps (0 = off).
-    training.keep_checkpoints: How many checkpoints to keep.
+    training.keep_checkpoints: How many checkpoints with a verified finite
+      loss to keep (the newest, not yet verified one is kept besides them).
     training.progress_bar: Show a tqdm progress bar on process 0.
     mesh.data / mesh.model: Mesh axis sizes (``-1``: all remaining devices).
       A single process with more devices than ``data * model`` uses its first
       ``data * model`` devices; multi-host meshes must cover every device.
     mesh.rules: ``((regex, partition spec tuple), ...)`` for parameters.
+
+  Resuming a run may change only :data:`RESUME_OPERATIONAL_KEYS`.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -151,6 +197,87 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
     else:
       out[name] = value
   return out
+
+
+def _json_value(value: Any) -> Any:
+  """``value`` as it reads back from JSON (tuples become lists), or its repr."""
+  if isinstance(value, Mapping) or hasattr(value, "items"):
+    return {str(k): _json_value(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_value(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if hasattr(value, "item") and callable(value.item):  # numpy scalars
+    try:
+      return _json_value(value.item())
+    except (TypeError, ValueError):
+      pass
+  return repr(value)
+
+
+def resume_config(config: Any) -> dict[str, Any]:
+  """The config as the flat, JSON-able dict stored in checkpoints.
+
+  Every key is dotted (``model.kwargs.hidden``, ``dataset.options.seq_len``:
+  the free-form sections are expanded too); tuples become lists.
+  """
+  out = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+        if len(value) == 0 and name in FREE_SECTIONS:
+          continue
+        walk(value, name + ".")
+      else:
+        out[name] = _json_value(value)
+
+  walk(config, "")
+  return out
+
+
+def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+  """``(key, saved value, current value)`` of the keys a resumed run may not change.
+
+  Both arguments are :func:`resume_config` dicts; keys of
+  :data:`RESUME_OPERATIONAL_KEYS` are ignored, a key only one side has
+  appears with :data:`MISSING` on the other.
+  """
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    if key in RESUME_OPERATIONAL_KEYS:
+      continue
+    a, b = saved.get(key, MISSING), current.get(key, MISSING)
+    if a is MISSING or b is MISSING or _json_value(a) != _json_value(b):
+      out.append((key, a, b))
+  return out
+
+
+def check_key(dotted: str) -> None:
+  """Raises ``ValueError`` if ``dotted`` is not a key of :func:`default_config`.
+
+  Keys under a free-form section (``model.kwargs.*``, ``dataset.options.*``)
+  are always accepted. The message names the key and lists the known keys of
+  its section (or says which section does not exist).
+  """
+  config = default_config()
+  *parents, leaf = dotted.split(".")
+  node = config
+  for depth, part in enumerate(parents):
+    if ".".join(parents[:depth + 1]) in FREE_SECTIONS:
+      return
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parents[:depth])!r} is not a section")
+    if part not in node:
+      raise ValueError(f"unknown config key {dotted!r}: no section {'.'.join(parents[:depth + 1])!r}; "
+                       f"known keys of {'.'.join(parents[:depth]) or 'the config'}: {sorted(node.keys())}")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parents)!r} is not a section")
+  if leaf not in node:
+    raise ValueError(f"unknown config key {dotted!r}; known keys of "
+                     f"{'.'.join(parents) or 'the config'}: {sorted(node.keys())}")
 
 
 def apply_overrides(config: ml_collections.ConfigDict,

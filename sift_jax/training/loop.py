@@ -11,14 +11,24 @@ latest checkpoint of the workdir if there is one, and trains:
   process reads its part of every global batch and the global arrays are
   assembled with ``jax.make_array_from_process_local_data``;
 * every ``checkpoint_every_steps`` a checkpoint holds the state, the data
-  iterator's position and the loop's bookkeeping, so a resumed run is
-  bitwise equal to an uninterrupted one on CPU;
+  iterator's position, the loop's bookkeeping and the resolved config, so a
+  resumed run is bitwise equal to an uninterrupted one on CPU; resuming with
+  a changed config is refused except for the operational keys of
+  :data:`sift_jax.training.config.RESUME_OPERATIONAL_KEYS`;
 * SIGTERM (preemption) makes the loop save at the next step boundary and
   return cleanly;
 * a non-finite loss stops the run with :class:`NonFiniteLossError` naming the
-  step; the state after it is never saved;
+  step and the last good checkpoint. The losses are checked on the host every
+  ``log_every_steps`` (or 100 when that is 0) steps, before every save and
+  every eval, and each eval's loss too: one host sync per interval, none per
+  step. The checkpoint of step ``s`` counts as good (verified) once the loss
+  of its own state, the training loss of step ``s`` or an eval at ``s``, was
+  finite; ``keep_checkpoints`` counts verified checkpoints, and a non-finite
+  loss at step ``b`` deletes the checkpoints of steps ``>= b`` (see
+  :mod:`sift_jax.training.checkpointing`);
 * metrics go to ``metrics.jsonl`` and TensorBoard, the outcome to
-  ``summary.json``.
+  ``summary.json``; a resumed run first drops the records its predecessor
+  wrote after the checkpoint it resumes from.
 
 Compiled functions are cached per process by the run's structure (everything
 in the config but the seed), so the runs of a sweep that differ only in the
@@ -55,8 +65,8 @@ from sift_jax.training import optimizers
 from sift_jax.training import state as state_lib
 from sift_jax.training import step as step_lib
 
-__all__ = ["train_and_evaluate", "evaluate", "NonFiniteLossError", "RunFunctions", "build_run",
-           "clear_compilation_cache"]
+__all__ = ["train_and_evaluate", "evaluate", "make_eval_dataset", "training_length",
+           "NonFiniteLossError", "RunFunctions", "build_run", "clear_compilation_cache"]
 
 _log = logging.getLogger("sift_jax")
 
@@ -65,8 +75,12 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite.
 
   Attributes:
-    step: 0-based index of the training step whose loss was not finite.
-    last_checkpoint: The newest checkpoint step kept in the workdir (or None).
+    step: 0-based index of the training step whose loss was not finite: the
+      loss of the state after ``step`` updates (for a non-finite eval loss,
+      the step the eval ran at).
+    last_checkpoint: The newest checkpoint kept in the workdir, one whose own
+      loss was verified finite (``< step``; None if there is none). Resuming
+      the workdir continues from it.
   """
 
   def __init__(self, message: str, *, step: int, last_checkpoint: Optional[int]):
@@ -224,6 +238,21 @@ def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, tra
   return funcs
 
 
+def training_length(config: ml_collections.ConfigDict, train_info) -> tuple[int, int]:
+  """``(steps_per_epoch, total_steps)`` of a run.
+
+  An epoch is the training pipeline's full global batches
+  (``train_info.batches_per_epoch(batch_size)``: the partial last batch is
+  dropped, e.g. 50,000 // 128 = 390 for CIFAR); ``training.num_steps > 0``
+  wins over ``num_epochs``.
+  """
+  t = config.training
+  steps_per_epoch = max(1, train_info.batches_per_epoch(int(t.batch_size)))
+  total_steps = int(t.num_steps) if t.num_steps > 0 else max(
+      1, int(math.ceil(float(t.num_epochs) * steps_per_epoch)))
+  return steps_per_epoch, total_steps
+
+
 def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The run's mesh; a single process may use only its first ``data * model`` devices."""
   data, model = int(config.mesh.data), int(config.mesh.model)
@@ -247,6 +276,47 @@ def _global_batch(local: Mapping[str, np.ndarray], funcs: RunFunctions, global_s
     out[k] = jax.make_array_from_process_local_data(funcs.batch_sharding, v,
                                                     (global_size, *v.shape[1:]))
   return out
+
+
+def _batch_block(row_ranges: Sequence[tuple[int, int]], global_size: int) -> tuple[int, int]:
+  """``(block, num_blocks)``: which equal, contiguous block of the batch rows a process holds.
+
+  Args:
+    row_ranges: ``(start, stop)`` batch rows of each device of the process.
+    global_size: Rows of the global batch.
+
+  The data pipeline gives a process block ``block`` of ``num_blocks`` of every
+  global batch. Processes whose devices hold the same rows (a ``model`` mesh
+  axis across processes) get the same block, so replicas read the same data.
+
+  Raises:
+    ValueError: if the rows are not one contiguous block of
+      ``global_size / num_blocks`` rows starting at a multiple of it.
+  """
+  distinct = sorted(set((int(a), int(b)) for a, b in row_ranges))
+  lo, hi = distinct[0][0], distinct[-1][1]
+  covered = sum(b - a for a, b in distinct)
+  size = hi - lo
+  contiguous = all(distinct[i][1] == distinct[i + 1][0] for i in range(len(distinct) - 1))
+  if not contiguous or covered != size or size <= 0 or global_size % size or lo % size:
+    raise ValueError(
+        f"this process's devices hold batch rows {distinct} of the global batch of {global_size}; "
+        "the data pipeline needs every process to hold one contiguous, equal block of the rows "
+        "(processes holding the same rows read the same data). Order the mesh's devices so that "
+        "each process's devices cover a contiguous run of the 'data' axis (jax.devices() order "
+        "does, with mesh.data a multiple of the number of processes or mesh.model a multiple of "
+        "the devices per process)")
+  return lo // size, global_size // size
+
+
+def _process_block(sharding: NamedSharding, global_size: int) -> tuple[int, int]:
+  """:func:`_batch_block` of this process for batches with ``sharding``."""
+  index_map = sharding.addressable_devices_indices_map((int(global_size),))
+  ranges = []
+  for index in index_map.values():
+    start, stop, _ = index[0].indices(int(global_size))
+    ranges.append((start, stop))
+  return _batch_block(ranges, int(global_size))
 
 
 def _dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -283,16 +353,38 @@ class _Preemption:
       self._previous = None
 
 
-def evaluate(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict) -> dict[str, float]:
+def make_eval_dataset(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> Any:
+  """The eval split's iterator (one pass, in order, last batch partial), built once per run.
+
+  Each process reads the block of every batch its devices hold (see
+  :func:`_batch_block`); :func:`evaluate` rewinds it before each eval.
+  """
+  data = _make_datasets_module()
+  bs = int(config.training.eval_batch_size)
+  block, num_blocks = _process_block(batch_sharding, bs)
+  return data.make_dataset(config.dataset.name, split=config.dataset.eval_split, batch_size=bs, seed=0,
+                           shuffle=False, num_epochs=1, drop_remainder=False, process_index=block,
+                           process_count=num_blocks, **_dataset_kwargs(config))
+
+
+def evaluate(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict, *,
+             dataset: Any = None) -> dict[str, float]:
   """Loss and accuracy (and perplexity for language models) on the eval split.
 
   Every example of the split counts once: the last, partial batch is padded
   to the fixed batch shape with zero-weight examples.
+
+  Args:
+    funcs: The run's compiled functions.
+    state: The train state to evaluate.
+    config: The run's config.
+    dataset: The iterator of :func:`make_eval_dataset`, reused (rewound to
+      its start) so the split is prepared once per run; None builds one.
   """
-  data = _make_datasets_module()
   bs = int(config.training.eval_batch_size)
-  it = data.make_dataset(config.dataset.name, split=config.dataset.eval_split, batch_size=bs, seed=0,
-                         shuffle=False, num_epochs=1, drop_remainder=False, **_dataset_kwargs(config))
+  it = make_eval_dataset(config, funcs.batch_sharding) if dataset is None else dataset
+  if dataset is not None:
+    it.set_state(_rewound(it))
   local_bs = it.local_batch_size
   sums = []
   with it:
@@ -311,6 +403,12 @@ def evaluate(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict)
   if it.info.task == "lm":
     out["perplexity"] = math.exp(min(loss, 700.0))
   return out
+
+
+def _rewound(it: Any) -> dict[str, Any]:
+  state = dict(it.get_state())
+  state["next_batch"] = 0
+  return state
 
 
 @jax.jit
@@ -398,7 +496,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: A config from :func:`sift_jax.training.default_config` (validated
-      here).
+      here). A resumed run must pass the config it started with; only the
+      operational keys of
+      :data:`sift_jax.training.config.RESUME_OPERATIONAL_KEYS` (logging, eval,
+      checkpoint and spectral intervals, ``keep_checkpoints``, the progress
+      bar, ``eval_batch_size``, where the data lives and how fast it is read,
+      the mesh layout) may differ.
     workdir: Run directory: ``checkpoints/``, ``metrics.jsonl``,
       ``tensorboard/`` and ``summary.json``.
     hooks: Called as ``hook(step, state)`` after each step (``step`` = steps
@@ -414,9 +517,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ValueError: for a bad config (unknown key, batch size not divisible by
       the data-parallel size...).
     FileNotFoundError: a dataset that is not prepared.
-    IncompatibleCheckpointError: ``workdir`` holds another run's checkpoint.
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is
-      kept).
+    IncompatibleCheckpointError: ``workdir`` holds another run's checkpoint,
+      or this run's checkpoint with a changed (non-operational) config.
+    NonFiniteLossError: the loss became NaN/inf; the checkpoints holding that
+      state are deleted and the last good one (its loss verified finite) is
+      kept.
   """
   t_start = time.time()
   config_lib.validate_config(config)
@@ -433,42 +538,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f"data-parallel size {dp}")
 
   data = _make_datasets_module()
+  batch_sharding = NamedSharding(mesh, P("data"))
+  block, num_blocks = _process_block(batch_sharding, int(t.batch_size))
   train_iter = data.make_dataset(config.dataset.name, split=config.dataset.train_split,
                                  batch_size=int(t.batch_size), seed=int(config.seed),
+                                 process_index=block, process_count=num_blocks,
                                  **_dataset_kwargs(config))
   info = train_iter.info
-  # Fails early (e.g. a dataset that is not prepared) before any training.
-  data.get_dataset_info(config.dataset.name, split=config.dataset.eval_split, **_dataset_kwargs(config))
-  steps_per_epoch = max(1, info.batches_per_epoch(int(t.batch_size)))
-  total_steps = int(t.num_steps) if t.num_steps > 0 else max(
-      1, int(math.ceil(float(t.num_epochs) * steps_per_epoch)))
+  # Built once (fails early, e.g. a dataset that is not prepared) and reused by every eval.
+  try:
+    eval_iter = make_eval_dataset(config, batch_sharding)
+  except BaseException:
+    train_iter.close()
+    raise
+  steps_per_epoch, total_steps = training_length(config, info)
 
   funcs = build_run(config, mesh=mesh, train_info=info, total_steps=total_steps,
                     steps_per_epoch=steps_per_epoch, get_model=get_model)
   is_main = jax.process_index() == 0
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=int(t.keep_checkpoints), run_fingerprint=_run_fingerprint(config))
-  loop_state = {"best_eval_accuracy": None, "best_eval_loss": None, "wall_seconds": 0.0}
+                                    keep=int(t.keep_checkpoints), run_fingerprint=_run_fingerprint(config),
+                                    run_config=config_lib.resume_config(config))
+  loop_state = {"best_eval_accuracy": None, "best_eval_loss": None, "wall_seconds": 0.0,
+                "last_eval": None}
   latest = ckpt.latest_step()
-  if latest is not None:
-    state, saved, start_step = ckpt.restore(funcs.abstract_state, latest)
-    try:
-      train_iter.set_state(saved["train_iterator"])
-    except ValueError as e:
+  try:
+    if latest is not None:
+      state, saved, start_step = ckpt.restore(funcs.abstract_state, latest)
+      try:
+        train_iter.set_state(saved["train_iterator"])
+      except ValueError as e:
+        raise checkpointing.IncompatibleCheckpointError(
+            f"{ckpt.directory} step {start_step}: the saved data-iterator state does not fit this "
+            f"run's data configuration ({e}); use another --workdir") from e
+      loop_state.update(saved.get("loop", {}))
+      _log.info("sift_jax: resumed %s at step %d", workdir, start_step)
+    else:
+      state = funcs.init(np.int32(config.seed))
+      start_step = 0
+    if int(jax.device_get(state.step)) != start_step:
       raise checkpointing.IncompatibleCheckpointError(
-          f"{ckpt.directory} step {start_step}: the saved data-iterator state does not fit this run's "
-          f"data configuration ({e}); use another --workdir") from e
-    loop_state.update(saved.get("loop", {}))
-    _log.info("sift_jax: resumed %s at step %d", workdir, start_step)
-  else:
-    state = funcs.init(np.int32(config.seed))
-    start_step = 0
-  if int(jax.device_get(state.step)) != start_step:
-    raise checkpointing.IncompatibleCheckpointError(
-        f"{ckpt.directory}: checkpoint directory step {start_step} holds state.step "
-        f"{int(jax.device_get(state.step))}")
+          f"{ckpt.directory}: checkpoint directory step {start_step} holds state.step "
+          f"{int(jax.device_get(state.step))}")
+  except BaseException:
+    train_iter.close()
+    eval_iter.close()
+    ckpt.close()
+    raise
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
   spectral_records: list[dict[str, Any]] = []
   spectral_every = int(t.spectral_every_steps)  # validated >= 0 with the config
   if spectral_every and optimizers.is_sparse_run(config):
@@ -482,24 +600,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pending: list[tuple[int, dict]] = []
   last_saved = latest
   last_eval: Optional[dict] = None
+  saved_eval = loop_state.get("last_eval")
+  if isinstance(saved_eval, Mapping) and saved_eval.get("step") == start_step:
+    # The final eval of a run that had completed: not repeated (nor its record duplicated).
+    last_eval = {k: v for k, v in saved_eval.items() if k != "step"}
   preempted = False
   window_start = time.time()
   wall_before = float(loop_state["wall_seconds"])
   multi_process = jax.process_count() > 1
+  # Losses are checked on the host at least this often (one sync per interval).
+  check_every = int(t.log_every_steps) or 100
 
   checked = [0]  # pending[:checked[0]] have finite losses
+
+  def non_finite(bad_step: int, what: str) -> NonFiniteLossError:
+    """Deletes the checkpoints holding the bad state; the error naming the last good one."""
+    ckpt.discard_from(bad_step)
+    if bad_step > 0:
+      ckpt.mark_verified(bad_step - 1)
+    good = ckpt.last_verified_step()
+    where = (f"the last good checkpoint (its own loss finite) in {ckpt.directory} is step {good}; "
+             f"resuming this workdir continues from it" if good is not None else
+             f"there is no good checkpoint in {ckpt.directory}; the run would start over")
+    return NonFiniteLossError(
+        f"non-finite {what} at step {bad_step}; stopped. Checkpoints of steps >= {bad_step} hold "
+        f"that state and were deleted; {where}. Lower optimizer.learning_rate or enable "
+        f"optimizer.grad_clip_norm in another --workdir", step=bad_step, last_checkpoint=good)
 
   def check_finite() -> None:
     """Raises NonFiniteLossError for the first non-finite loss not yet checked."""
     fresh = pending[checked[0]:]
+    if not fresh:
+      return
     losses = jax.device_get([m["loss"] for _, m in fresh])
     for (s, _), loss in zip(fresh, losses):
       if not math.isfinite(float(loss)):
-        raise NonFiniteLossError(
-            f"non-finite training loss {float(loss)} at step {s}; stopped. The state after it was not "
-            f"saved; the last good checkpoint in {ckpt.directory} is step {last_saved}",
-            step=s, last_checkpoint=last_saved)
+        raise non_finite(s, f"training loss {float(loss)}")
     checked[0] = len(pending)
+    ckpt.mark_verified(fresh[-1][0])
 
   def flush(step: int) -> None:
     """Writes the averaged train metrics since the last flush (after checking the loss)."""
@@ -519,16 +657,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     window_start = time.time()
 
   def do_eval(step: int) -> dict:
-    result = evaluate(funcs, state, config)
+    check_finite()  # no eval of a run already known to have diverged
+    result = evaluate(funcs, state, config, dataset=eval_iter)
+    if not math.isfinite(result["loss"]):
+      raise non_finite(step, f"eval loss {result['loss']}")
+    ckpt.mark_verified(step)
     writer.write(step, "eval", result)
     best = loop_state["best_eval_accuracy"]
     loop_state["best_eval_accuracy"] = result["accuracy"] if best is None else max(best, result["accuracy"])
     best_loss = loop_state["best_eval_loss"]
     loop_state["best_eval_loss"] = result["loss"] if best_loss is None else min(best_loss, result["loss"])
+    loop_state["last_eval"] = {"step": int(step), **result}
     return result
 
   def save(step: int) -> None:
     nonlocal last_saved
+    check_finite()  # every earlier checkpoint is verified before a new one is written
     loop_state["wall_seconds"] = wall_before + (time.time() - t_start)
     ckpt.save(step, state, {"train_iterator": train_iter.get_state(), "loop": dict(loop_state)})
     last_saved = step
@@ -551,23 +695,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           # Every process must stop at the same step: the JAX preemption service
           # (TPU pods) syncs each step; a local SIGTERM is shared at log steps.
           stop = ckpt.reached_preemption(step)
-          if not stop and boundary(t.log_every_steps or 100):
+          if not stop and boundary(check_every):
             stop = _any_process(preemption.requested)
         else:
           stop = preemption.requested
         if boundary(t.log_every_steps) or stop:
           flush(step)
+        elif boundary(check_every):
+          check_finite()
         if boundary(t.eval_every_steps) and step < total_steps:
           last_eval = do_eval(step)
         if (boundary(t.checkpoint_every_steps) and step < total_steps) or stop:
-          check_finite()
           save(step)
         if stop and step < total_steps:
           preempted = True
           break
       if not preempted:
         flush(step)
-        last_eval = do_eval(step)
+        if last_eval is None or (loop_state.get("last_eval") or {}).get("step") != step:
+          last_eval = do_eval(step)
         if last_saved != step:
           save(step)
   except BaseException:
@@ -575,6 +721,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise
   finally:
     train_iter.close()
+    eval_iter.close()
     ckpt.close()
     writer.flush()
     if progress is not None:

@@ -25,27 +25,40 @@ def _to_python(value: Any) -> Any:
 class MetricsWriter:
   """Appends one JSON object per line to ``DIR/metrics.jsonl`` and logs scalars to TensorBoard.
 
-  Each record is ``{"step": int, "split": "train"|"eval", **scalars}``; on
-  resume the file is appended to. Only the writing process (process 0 in a
-  multi-host run) touches the files.
+  Each record is ``{"step": int, "split": "train"|"eval"|..., **scalars}``.
+  Only the writing process (process 0 in a multi-host run) touches the files.
+
+  A run resumed at step ``k`` (``resume_step=k``; 0 for a run that starts from
+  scratch) first drops what the interrupted run wrote after its checkpoint:
+  the records with ``step > k`` and the ``summary`` record of step ``k`` (the
+  resumed run writes them again), and lines a crash left unparsable. The file
+  is rewritten atomically (a temporary file renamed over it) and then
+  appended to; TensorBoard hides the events after ``k`` (``purge_step``).
 
   Args:
     workdir: Run directory.
     enabled: False for non-writing processes (every method becomes a no-op).
     tensorboard: Also write TensorBoard event files under ``DIR/tensorboard``.
+    resume_step: The step the run continues from (None: keep every record).
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+               resume_step: Optional[int] = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._enabled = enabled
     self._file = None
     self._tb = None
+    self.dropped = 0
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None:
+        self.dropped = _truncate(self.path, int(resume_step))
       self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
       if tensorboard:
         import tensorboardX  # pylint: disable=import-outside-toplevel
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        tb_dir = os.path.join(workdir, "tensorboard")
+        purge = int(resume_step) + 1 if resume_step is not None and os.path.isdir(tb_dir) else None
+        self._tb = tensorboardX.SummaryWriter(tb_dir, purge_step=purge)
 
   def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
     if not self._enabled:
@@ -70,6 +83,34 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _truncate(path: str, step: int) -> int:
+  """Drops the records after ``step`` (see :class:`MetricsWriter`); returns how many."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      record_step = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut short by a crash
+    if record_step < step or (record_step == step and record.get("split") != "summary"):
+      kept.append(line if line.endswith("\n") else line + "\n")
+  dropped = len(lines) - len(kept)
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return dropped
 
 
 def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:

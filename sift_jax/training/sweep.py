@@ -8,7 +8,11 @@ A config file may define ``get_sweep()`` returning a list of
 
 Each run trains in ``DIR/<name>/seed_<seed>``. A run whose ``summary.json``
 exists is not trained again and an interrupted one resumes from its
-checkpoint, so a sweep can be stopped and restarted. Runs that differ only in
+checkpoint, so a sweep can be stopped and restarted. Either must have been
+started with the same config (operational keys such as logging intervals
+aside, see :data:`sift_jax.training.config.RESUME_OPERATIONAL_KEYS`): a
+finished run with another config (say a ``--quick`` smoke test in the same
+``DIR``) is an error, not a result. Runs that differ only in
 the seed reuse compiled functions (see :func:`sift_jax.training.train_and_evaluate`).
 The table and ``DIR/sweep.json`` give, per run name, the mean and standard
 deviation over seeds of the final eval accuracy (or loss and perplexity for
@@ -124,12 +128,13 @@ def run_sweep(base: ml_collections.ConfigDict, runs: Sequence[Any], *, seeds: Se
     for seed in seeds:
       run_dir = os.path.join(workdir, run.name, f"seed_{seed}")
       summary_path = os.path.join(run_dir, "summary.json")
+      seeded = config_lib.apply_overrides(cfg, {"seed": int(seed)})
       if os.path.exists(summary_path):
         with open(summary_path, encoding="utf-8") as f:
           summary = json.load(f)
+        _check_finished_config(summary, seeded, run_dir)
         status = "done before"
       else:
-        seeded = config_lib.apply_overrides(cfg, {"seed": int(seed)})
         summary = train_fn(seeded, run_dir)
         if summary.get("preempted"):
           log(f"[sweep] {run.name} seed {seed} preempted at step {summary['steps']}; stopping")
@@ -139,6 +144,21 @@ def run_sweep(base: ml_collections.ConfigDict, runs: Sequence[Any], *, seeds: Se
       log(f"[sweep {len(records)}/{total}, {time.time() - t0:.0f}s] {run.name} seed {seed}: "
           f"{_headline(summary)} ({status})")
   return records
+
+
+def _check_finished_config(summary: Mapping[str, Any], config: ml_collections.ConfigDict,
+                           run_dir: str) -> None:
+  """Raises ``ValueError`` if a finished run's summary was trained with another config."""
+  saved = summary.get("config")
+  if not isinstance(saved, Mapping):
+    return  # an old summary without its config: taken as is
+  diffs = config_lib.resume_differences(config_lib.resume_config(saved),
+                                        config_lib.resume_config(config))
+  if diffs:
+    shown = "; ".join(f"{k}: finished run has {a!r}, this sweep {b!r}" for k, a, b in diffs[:8])
+    more = f"; and {len(diffs) - 8} more" if len(diffs) > 8 else ""
+    raise ValueError(f"{run_dir} holds a finished run with another config ({shown}{more}); "
+                     "use another --workdir (or delete that run) to train this one")
 
 
 def _headline(summary: Mapping[str, Any]) -> str:
