@@ -590,8 +590,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spectral_records: list[dict[str, Any]] = []
   spectral_every = int(t.spectral_every_steps)  # validated >= 0 with the config
   if spectral_every and optimizers.is_sparse_run(config):
-    hooks = tuple(hooks) + (functools.partial(_spectral_hook, every=spectral_every, writer=writer,
-                                              records=spectral_records, is_main=is_main),)
+    spectral_hook = functools.partial(_spectral_hook, every=spectral_every, writer=writer,
+                                      records=spectral_records, is_main=is_main)
+    hooks = tuple(hooks) + (spectral_hook,)
+    if start_step == 0:
+      spectral_hook(0, state)  # the initial masks: where every trajectory starts
+    elif is_main and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      # A resumed run's trajectory continues the points logged before (the
+      # writer has already dropped those past the resumed step).
+      spectral_records.extend(metrics_lib.read_metrics(workdir, split="spectral"))
   progress = None
   if t.progress_bar and is_main:
     import tqdm  # pylint: disable=import-outside-toplevel
