@@ -344,3 +344,13 @@ def test_init_is_one_compilation_for_all_seeds_and_masks_params():
   k = np.asarray(a.params["Dense_0"]["kernel"])
   assert np.all(k[~np.asarray(ma["Dense_0"]["kernel"])] == 0)
   assert np.count_nonzero(k) == sift_jax.target_count(0.5, k.size)
+
+
+def test_bad_model_kwargs_are_named_in_the_error(tmp_path):
+  config = _config(**{"dataset.name": "mnist1d", "model.name": "mlp_mnist1d",
+                      "model.kwargs.hiddne": (32, 32), "training.num_steps": 2, "mesh.data": 1,
+                      "training.progress_bar": False})
+  with pytest.raises(ValueError, match=r"config.model \(name='mlp_mnist1d'.*kwargs=\{'hiddne': "
+                                       r"\(32, 32\)\}\) does not build a model: ValueError: mlp_mnist1d: unknown keyword argument\(s\) \[.hiddne.\]"):
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -183,7 +183,15 @@ def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, tra
     _CACHE.move_to_end(key)
     return _CACHE[key]
 
-  spec = (get_model or _default_get_model)(config.model.name, **_model_kwargs(config, train_info))
+  model_kwargs = _model_kwargs(config, train_info)
+  try:
+    spec = (get_model or _default_get_model)(config.model.name, **model_kwargs)
+  except (TypeError, ValueError) as e:
+    # e.g. --config.model.kwargs.channels=abc: name the config entries, not
+    # only the line of model code that choked on them.
+    raise ValueError(f"config.model (name={config.model.name!r}, family={config.model.family!r}, "
+                     f"sparsity={config.model.sparsity!r}, kwargs={dict(config.model.kwargs)!r}) "
+                     f"does not build a model: {type(e).__name__}: {e}") from e
   if int(np.prod(spec.input_shape)) != int(np.prod(train_info.input_shape)):
     raise ValueError(f"model {config.model.name!r} expects inputs of shape {tuple(spec.input_shape)}, "
                      f"dataset {config.dataset.name!r} gives {tuple(train_info.input_shape)}")
