@@ -80,6 +80,12 @@ def _train_group(config_path, base_overrides, run, seeds, workdir):
                          log=lambda line: print(line, flush=True))
 
 
+def _repo_relative(path):
+  """``path`` relative to the repository when inside it: results.json does not name the clone."""
+  rel = os.path.relpath(path, REPO)
+  return path if rel.startswith(os.pardir) else rel
+
+
 def _cost(run):
   """Rough relative cost for scheduling: masked-dense compute grows like 1 / density."""
   s = float(run.overrides.get("model.sparsity", 0.0))
@@ -195,7 +201,8 @@ def main(argv=None):
     f.write(header + "\n" + table + f"\n\nTotal wall time: {wall:.1f} s for {len(records)} runs.\n")
   _plot(rows, dense_row, os.path.join(args.results, "accuracy_vs_sparsity.png"))
   slim = [{"name": r["name"], "seed": r["seed"],
-           **{k: v for k, v in r["summary"].items() if k != "config"}} for r in records]
+           **{k: _repo_relative(v) if k == "workdir" else v
+              for k, v in r["summary"].items() if k != "config"}} for r in records]
   with open(os.path.join(args.results, "results.json"), "w", encoding="utf-8") as f:
     json.dump({"rows": rows, "runs": slim, "config": cfg, "wall_seconds": wall,
                "num_runs": len(records), "seeds": seeds, "jobs": args.jobs, "quick": args.quick,

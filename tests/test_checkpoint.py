@@ -116,17 +116,24 @@ def test_sigterm_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
   assert summary_b["final_eval_loss"] == summary_a["final_eval_loss"]
 
 
+def _restore(config, workdir, step, *, total_steps):
+  """The run's functions and ``(state, data_state, step)`` of checkpoint ``step`` in ``workdir``."""
+  info = get_dataset_info("mnist1d", split="train")
+  funcs = training.build_run(config, mesh=loop._make_mesh(config), train_info=info,
+                             total_steps=total_steps, steps_per_epoch=info.batches_per_epoch(32))
+  ckpt = training.Checkpointer(str(workdir / "checkpoints"), keep=2,
+                               run_fingerprint=loop._run_fingerprint(config))
+  try:
+    return funcs, ckpt.restore(funcs.abstract_state, step)
+  finally:
+    ckpt.close()
+
+
 def test_restore_is_typed_sharded_and_equals_the_saved_state(tmp_path):
   config = tiny_config(**{"training.num_steps": 20, "training.checkpoint_every_steps": 8})
   store = {}
   training.train_and_evaluate(config, str(tmp_path), hooks=[_grab(store, 16)])
-  info = get_dataset_info("mnist1d", split="train")
-  funcs = training.build_run(config, mesh=loop._make_mesh(config), train_info=info, total_steps=20,
-                             steps_per_epoch=info.batches_per_epoch(32))
-  ckpt = training.Checkpointer(str(tmp_path / "checkpoints"), keep=2,
-                               run_fingerprint=loop._run_fingerprint(config))
-  state, loop_state, step = ckpt.restore(funcs.abstract_state, 16)
-  ckpt.close()
+  funcs, (state, loop_state, step) = _restore(config, tmp_path, 16, total_steps=20)
   assert step == 16 and loop_state["train_iterator"]["next_batch"] == 16
   assert isinstance(state, training.TrainState)
   assert isinstance(state.opt_state, sift_jax.SparseState)
@@ -298,13 +305,7 @@ def test_metrics_after_a_crash_and_resume_have_no_duplicates(tmp_path):
 def test_eval_split_is_built_once_and_reused_with_identical_results(uninterrupted, tmp_path, monkeypatch):
   workdir, _, summary = uninterrupted
   config = tiny_config()
-  info = get_dataset_info("mnist1d", split="train")
-  funcs = training.build_run(config, mesh=loop._make_mesh(config), train_info=info, total_steps=40,
-                             steps_per_epoch=info.batches_per_epoch(32))
-  ckpt = training.Checkpointer(str(workdir / "checkpoints"), keep=2,
-                               run_fingerprint=loop._run_fingerprint(config))
-  state, _, _ = ckpt.restore(funcs.abstract_state, 40)
-  ckpt.close()
+  funcs, (state, _, _) = _restore(config, workdir, 40, total_steps=40)
   dataset = loop.make_eval_dataset(config, funcs.batch_sharding)
   first = training.evaluate(funcs, state, config, dataset=dataset)
   second = training.evaluate(funcs, state, config, dataset=dataset)
