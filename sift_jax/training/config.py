@@ -31,7 +31,6 @@ SPARSE_METHODS = ("none", "static", "set", "rigl")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Sections whose keys depend on the model / dataset: free-form.
 FREE_SECTIONS = ("model.kwargs", "dataset.options")
-_FREE_SECTIONS = FREE_SECTIONS
 
 # Keys a resumed run may change. They decide what is logged, evaluated, saved and
 # shown, how fast data is read, where data lives and how arrays are laid out over
@@ -192,7 +191,7 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
   items = config.items() if hasattr(config, "items") else []
   for key, value in items:
     name = f"{prefix}{key}"
-    if name not in _FREE_SECTIONS and isinstance(value, (ml_collections.ConfigDict, Mapping)):
+    if name not in FREE_SECTIONS and isinstance(value, (ml_collections.ConfigDict, Mapping)):
       out.update(flatten_config(value, name + "."))
     else:
       out[name] = value
@@ -254,19 +253,17 @@ def resume_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
   return out
 
 
-def check_key(dotted: str) -> None:
-  """Raises ``ValueError`` if ``dotted`` is not a key of :func:`default_config`.
+def _section(config: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+  """``(section, leaf)`` of the dotted key in ``config``.
 
-  Keys under a free-form section (``model.kwargs.*``, ``dataset.options.*``)
-  are always accepted. The message names the key and lists the known keys of
-  its section (or says which section does not exist).
+  Raises:
+    ValueError: naming the key and listing the known keys of its section, if
+      a section on the way does not exist, or the leaf does not and its section
+      is not one of :data:`FREE_SECTIONS`.
   """
-  config = default_config()
   *parents, leaf = dotted.split(".")
   node = config
   for depth, part in enumerate(parents):
-    if ".".join(parents[:depth + 1]) in FREE_SECTIONS:
-      return
     if not isinstance(node, ml_collections.ConfigDict):
       raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parents[:depth])!r} is not a section")
     if part not in node:
@@ -275,9 +272,22 @@ def check_key(dotted: str) -> None:
     node = node[part]
   if not isinstance(node, ml_collections.ConfigDict):
     raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parents)!r} is not a section")
-  if leaf not in node:
+  if leaf not in node and ".".join(parents) not in FREE_SECTIONS:
     raise ValueError(f"unknown config key {dotted!r}; known keys of "
                      f"{'.'.join(parents) or 'the config'}: {sorted(node.keys())}")
+  return node, leaf
+
+
+def check_key(dotted: str) -> None:
+  """Raises ``ValueError`` if ``dotted`` is not a key of :func:`default_config`.
+
+  Keys under a free-form section (``model.kwargs.*``, ``dataset.options.*``)
+  are always accepted. The message names the key and lists the known keys of
+  its section (or says which section does not exist).
+  """
+  if any(dotted.startswith(section + ".") for section in FREE_SECTIONS):
+    return
+  _section(default_config(), dotted)
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -290,17 +300,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
   """
   config = ml_collections.ConfigDict(config.to_dict())
   for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for depth, part in enumerate(parents):
-      if part not in node:
-        raise ValueError(f"unknown config key {dotted!r}: no section {'.'.join(parents[:depth + 1])!r}")
-      node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict):
-      raise ValueError(f"unknown config key {dotted!r}: {'.'.join(parents)!r} is not a section")
-    if leaf not in node and ".".join(parents) not in _FREE_SECTIONS:
-      raise ValueError(f"unknown config key {dotted!r}; known keys of "
-                       f"{'.'.join(parents) or 'the config'}: {sorted(node.keys())}")
+    node, leaf = _section(config, dotted)
     try:
       node[leaf] = value
     except (TypeError, ValueError) as e:

@@ -727,7 +727,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           break
       if not preempted:
         flush(step)
-        if last_eval is None or (loop_state.get("last_eval") or {}).get("step") != step:
+        # do_eval records its step in loop_state, so does a restored finished run.
+        if (loop_state.get("last_eval") or {}).get("step") != step:
           last_eval = do_eval(step)
         if last_saved != step:
           save(step)

@@ -218,12 +218,7 @@ class _Interceptor:
     keep = (self.config.family == "dense" or not self._selected(path, module, x)
             or (wide and any(re.search(p, path) for p in self.output_layers)))
     if keep:
-      try:
-        return next_fun(*args, **kwargs)
-      except flax_errors.ScopeParamShapeError as e:
-        if wide:
-          raise self._shape_error(path, e) from e
-        raise
+      return self._call(path, wide, lambda: next_fun(*args, **kwargs))
     self.transformed.append(path)
     template = module.clone(parent=None)
     if wide:
@@ -237,13 +232,18 @@ class _Interceptor:
       call = lambda: replacement(x)  # Dense/DenseGeneral/Conv take nothing but the input
     _STATE.depth += 1
     try:
+      return self._call(path, wide, call)
+    finally:
+      _STATE.depth -= 1
+
+  def _call(self, path: str, wide: bool, call: Callable[[], Any]) -> Any:
+    """Runs a layer call; under Sparse Wide a parameter-shape clash names the layer."""
+    try:
       return call()
     except flax_errors.ScopeParamShapeError as e:
       if wide:
         raise self._shape_error(path, e) from e
       raise
-    finally:
-      _STATE.depth -= 1
 
 
 def _split_static(tree: Any) -> tuple[list[Any], Any]:
