@@ -18,16 +18,33 @@ run's checkpoint is refused. Multi-host (TPU pods, or CPU processes with
 ``--coordinator_address``): every process runs the same command; see
 ``--jax_distributed``.
 
-Exit status: 0 when training completed or was preempted (SIGTERM; a checkpoint
-was saved), 1 on a training error (non-finite loss, incompatible checkpoint,
-dataset not prepared, bad config value), 2 on a bad command line.
+One run per workdir: a second command on a workdir in use exits at once with
+an error naming the pid and host of the run holding it.
+
+Errors end in one ``error: ...`` line on stderr, without a traceback (pass
+``--traceback`` to see it): a bad config file (a syntax error, no
+``get_config``, a ``get_config`` that raises), a workdir that cannot be written
+(full or read-only disk, a file, permission denied), a workdir in use, a
+non-finite loss, an incompatible checkpoint, a dataset not prepared. The
+checkpoints already written are kept, so the same command resumes once the
+cause is fixed.
+
+SIGTERM is handled from the start of the process (see ``sift_jax._sigterm``):
+during training the loop saves a checkpoint at the next step boundary; before
+the first step it stops without training.
+
+Exit status: 0 when training completed or was preempted (SIGTERM), 1 on a
+training or environment error (the ones above), 2 on a bad command line or
+config file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -50,6 +67,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
     "cpu_collectives", None, "jax_cpu_collectives_implementation for multi-process CPU runs (gloo).")
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False,
+                               "On an error, print the traceback before the error line.")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -75,22 +95,47 @@ def _check_override_keys(argv: list[str]) -> None:
     config_lib.check_key(key)
 
 
+def _config_path(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _config_file_error(e: BaseException, path: str | None) -> str | None:
+  """The one-line error for a config file that does not load, or None if ``e`` is not that."""
+  if path is None:
+    return None
+  shown = os.path.abspath(path)
+  if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == shown:
+    return f"--config {path}: syntax error at line {e.lineno}: {e.msg}"
+  if isinstance(e, AttributeError) and "get_config" in str(e):
+    return f"--config {path} defines no get_config() function"
+  frames = traceback.extract_tb(e.__traceback__)
+  if any(os.path.abspath(frame.filename) == shown for frame in frames):
+    line = next(frame.lineno for frame in reversed(frames) if os.path.abspath(frame.filename) == shown)
+    return f"--config {path}: get_config() raised {type(e).__name__} at line {line}: {_one_line(e)}"
+  return None
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or repr(e)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing; unknown or mistyped config overrides become one clear line."""
+  """absl parsing; a bad config file or override becomes one clear line."""
   try:
     _check_override_keys(argv[1:])
     rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections nests the KeyError's repr in the message: unwrap it.
-    message = str(e)
-    while len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
-      message = message[1:-1]
-    message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    print(f"error: bad config override among {bad}: {message}", file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except
+    config_error = _config_file_error(e, _config_path(argv[1:]))
+    if config_error is None:
+      return _override_error(e, argv)
+    if "--traceback" in argv:
+      traceback.print_exc()
+    print(f"error: {config_error}", file=sys.stderr)
     sys.exit(2)
   try:
     _CONFIG.value.lock()  # the free-form sections took their new keys: no more
@@ -98,6 +143,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
     print(f"error: --config: {e}", file=sys.stderr)
     sys.exit(2)
   return rest
+
+
+def _override_error(e: Exception, argv: list[str]):
+  """Exits with the one-line error of a bad flag or ``--config.KEY=VALUE`` override."""
+  if isinstance(e, flags.Error):
+    print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(2)
+  if not isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+    raise e
+  # ml_collections nests the KeyError's repr in the message: unwrap it.
+  message = str(e)
+  while len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+    message = message[1:-1]
+  message = message.replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+  bad = [a for a in argv[1:] if a.startswith("--config.")]
+  print(f"error: bad config override among {bad}: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def _maybe_initialize_distributed() -> None:
@@ -111,6 +173,36 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _environment_error(e: BaseException) -> OSError | None:
+  """The OSError behind ``e`` (itself, or one it was raised from), if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def error_line(e: BaseException, workdir: str) -> str | None:
+  """The one ``error:`` line of a failed run, or None for an unexpected error (a bug)."""
+  # pylint: disable=import-outside-toplevel
+  from sift_jax.training import checkpointing, workdir as workdir_lib
+  if isinstance(e, (workdir_lib.WorkdirLockedError, checkpointing.IncompatibleCheckpointError,
+                    FloatingPointError, FileNotFoundError, ValueError)) and not (
+                        isinstance(e, OSError) and not isinstance(e, FileNotFoundError)):
+    return f"error: {type(e).__name__}: {_one_line(e)}"
+  env = _environment_error(e)
+  if env is None:
+    return None
+  where = f" ({env.filename})" if getattr(env, "filename", None) else ""
+  reason = env.strerror or _one_line(env)
+  errno_text = f"[Errno {env.errno}] " if env.errno is not None else ""
+  return (f"error: cannot write the run in workdir {workdir}: {errno_text}{reason}{where}. "
+          "Checkpoints already written are kept; fix the cause (free space, permissions, the path) "
+          "and run the same command to resume")
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -120,15 +212,24 @@ def main(argv: list[str]) -> int:
   logging.getLogger("sift_jax").setLevel(logging.INFO)
   _maybe_initialize_distributed()
   # pylint: disable=import-outside-toplevel
-  from sift_jax.training import checkpointing, loop
+  from sift_jax import _sigterm
+  from sift_jax.training import loop
+  workdir = os.path.abspath(_WORKDIR.value)
   try:
-    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError,
-          checkpointing.IncompatibleCheckpointError) as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    summary = loop.train_and_evaluate(_CONFIG.value, workdir, stop_requested=_sigterm.received)
+  except Exception as e:  # pylint: disable=broad-except
+    line = error_line(e, workdir)
+    if line is None:
+      raise  # not an expected failure: a bug, with its traceback
+    if _TRACEBACK.value:
+      traceback.print_exc()
+    print(line, file=sys.stderr)
     return 1
   if summary["preempted"]:
-    print(f"preempted at step {summary['steps']}; checkpoint saved in {summary['workdir']}")
+    saved = summary.get("checkpoint_step")
+    where = (f"checkpoint of step {saved} in {summary['workdir']}" if saved is not None else
+             f"no checkpoint yet in {summary['workdir']}")
+    print(f"preempted at step {summary['steps']}; {where}; run the same command to resume")
     return 0
   keys = ("final_eval_accuracy", "best_eval_accuracy", "final_eval_loss", "final_eval_perplexity",
           "train_flops", "dense_train_flops", "steps", "wall_seconds")
