@@ -109,6 +109,8 @@ def _config_file_error(e: BaseException, path: str | None) -> str | None:
   if path is None:
     return None
   shown = os.path.abspath(path)
+  if isinstance(e, OSError) and not os.path.isfile(path):
+    return f"--config {path}: cannot read it: {e}"
   if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == shown:
     return f"--config {path}: syntax error at line {e.lineno}: {e.msg}"
   if isinstance(e, AttributeError) and "get_config" in str(e):
@@ -129,19 +131,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     _check_override_keys(argv[1:])
     rest = flags.FLAGS(argv)
+    config = _CONFIG.value  # ml_collections may defer loading the file to here
   except Exception as e:  # pylint: disable=broad-except
     config_error = _config_file_error(e, _config_path(argv[1:]))
     if config_error is None:
-      return _override_error(e, argv)
+      _override_error(e, argv)
     if "--traceback" in argv:
       traceback.print_exc()
     print(f"error: {config_error}", file=sys.stderr)
     sys.exit(2)
-  try:
-    _CONFIG.value.lock()  # the free-form sections took their new keys: no more
-  except OSError as e:  # ml_collections defers a config file that failed to load to here
-    print(f"error: --config: {e}", file=sys.stderr)
-    sys.exit(2)
+  config.lock()  # the free-form sections took their new keys: no more
   return rest
 
 

@@ -292,15 +292,16 @@ def test_a_second_process_on_a_workdir_fails_at_once_and_a_stale_lock_is_taken_o
 
   # Two runs in one process conflict as well: a hook of run A starts run B on the same workdir.
   errors = []
+  nested = tmp_path / "nested"
 
   def start_another(step, state):  # pylint: disable=unused-argument
     if step == 1:
       try:
-        training.train_and_evaluate(_config(**{"training.num_steps": 8}), str(workdir))
+        training.train_and_evaluate(_config(**{"training.num_steps": 4}), str(nested))
       except workdir_lib.WorkdirLockedError as e:
         errors.append(str(e))
 
-  training.train_and_evaluate(_config(**{"training.num_steps": 8}), str(workdir), hooks=[start_another])
+  training.train_and_evaluate(_config(**{"training.num_steps": 4}), str(nested), hooks=[start_another])
   assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0]
 
 
@@ -363,6 +364,9 @@ def test_bad_config_files_end_in_one_error_line(tmp_path, capsys):
   for name, (text, message) in cases.items():
     path = tmp_path / name
     path.write_text(text)
+    # ml_collections loads every config file as module "config_config": parsing several in one
+    # process would keep the previous file's get_config.
+    sys.modules.pop("config_config", None)
     with pytest.raises(SystemExit) as exit_:
       train._parse_flags(["sift_jax.train", "--config", str(path), "--workdir", str(tmp_path / "w")])
     assert exit_.value.code == 2
