@@ -44,6 +44,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import traceback
 
 from absl import app
@@ -172,13 +174,22 @@ def _maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+# tensorstore (orbax's storage layer) reports a failed system call inside a ValueError.
+_STORAGE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
+_STORAGE_PATH = re.compile(r'"(/[^"]+)"')
+
+
 def _environment_error(e: BaseException) -> OSError | None:
-  """The OSError behind ``e`` (itself, or one it was raised from), if any."""
+  """The failed system call behind ``e`` (an OSError in its chain, or one tensorstore reports)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError):
       return e
+    code = _STORAGE_OS_ERROR.search(str(e))
+    if code:
+      paths = _STORAGE_PATH.findall(str(e))
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))), paths[-1] if paths else None)
     e = e.__cause__ or e.__context__
   return None
 
@@ -187,19 +198,49 @@ def error_line(e: BaseException, workdir: str) -> str | None:
   """The one ``error:`` line of a failed run, or None for an unexpected error (a bug)."""
   # pylint: disable=import-outside-toplevel
   from sift_jax.training import checkpointing, workdir as workdir_lib
+  env = None if isinstance(e, FileNotFoundError) else _environment_error(e)
+  if env is not None:
+    where = f" ({env.filename})" if getattr(env, "filename", None) else ""
+    errno_text = f"[Errno {env.errno}] " if env.errno is not None else ""
+    return (f"error: cannot write the run in workdir {workdir}: {errno_text}{env.strerror or _one_line(env)}"
+            f"{where}. Checkpoints already written are kept; fix the cause (free space, permissions, "
+            "the path) and run the same command to resume")
   if isinstance(e, (workdir_lib.WorkdirLockedError, checkpointing.IncompatibleCheckpointError,
-                    FloatingPointError, FileNotFoundError, ValueError)) and not (
-                        isinstance(e, OSError) and not isinstance(e, FileNotFoundError)):
+                    FloatingPointError, FileNotFoundError, ValueError)):
     return f"error: {type(e).__name__}: {_one_line(e)}"
-  env = _environment_error(e)
-  if env is None:
-    return None
-  where = f" ({env.filename})" if getattr(env, "filename", None) else ""
-  reason = env.strerror or _one_line(env)
-  errno_text = f"[Errno {env.errno}] " if env.errno is not None else ""
-  return (f"error: cannot write the run in workdir {workdir}: {errno_text}{reason}{where}. "
-          "Checkpoints already written are kept; fix the cause (free space, permissions, the path) "
-          "and run the same command to resume")
+  return None
+
+
+class _OneLineLogs(logging.Filter):
+  """Keeps other libraries' error logs to one line each (orbax logs every failed write with a
+  traceback: a full disk gave hundreds of lines); ``--traceback`` turns this off."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name != "sift_jax" and (record.exc_info or record.exc_text):
+      record.msg = (record.getMessage().strip().splitlines() or [""])[0][:300]
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
+def _quiet_background_errors() -> None:
+  """One line, not a traceback, for errors of background threads (orbax writers)."""
+  def thread_hook(args):
+    print(f"warning: {args.exc_type.__name__} in thread {getattr(args.thread, 'name', '?')}: "
+          f"{_one_line(args.exc_value)[:300]}", file=sys.stderr)
+
+  def unraisable_hook(args):
+    print(f"warning: {type(args.exc_value).__name__}: {_one_line(args.exc_value)[:300]}", file=sys.stderr)
+
+  threading.excepthook = thread_hook
+  sys.unraisablehook = unraisable_hook
+
+
+def _let_background_threads_end(timeout_s: float = 10.0) -> None:
+  """Gives the writer threads of a failed run a moment to end, so that the error line comes last."""
+  deadline = time.time() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and not thread.daemon:
+      thread.join(max(0.0, deadline - time.time()))
 
 
 def main(argv: list[str]) -> int:
@@ -209,6 +250,10 @@ def main(argv: list[str]) -> int:
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   logging.getLogger("sift_jax").setLevel(logging.INFO)
+  if not _TRACEBACK.value:
+    for handler in logging.getLogger().handlers:
+      handler.addFilter(_OneLineLogs())
+    _quiet_background_errors()
   _maybe_initialize_distributed()
   # pylint: disable=import-outside-toplevel
   from sift_jax import _sigterm
@@ -222,6 +267,7 @@ def main(argv: list[str]) -> int:
       raise  # not an expected failure: a bug, with its traceback
     if _TRACEBACK.value:
       traceback.print_exc()
+    _let_background_threads_end()
     print(line, file=sys.stderr)
     return 1
   if summary["preempted"]:
