@@ -181,6 +181,8 @@ def test_resume_with_changed_hyperparameters_is_refused(uninterrupted, tmp_path)
   assert again["final_eval_accuracy"] == summary["final_eval_accuracy"]
   assert again["final_eval_loss"] == summary["final_eval_loss"]
   assert [(r["step"], r["split"]) for r in training.read_metrics(str(copy))] == records
+  # Its final checkpoint was verified by the final eval: keep_checkpoints=1 keeps only it.
+  assert sorted(os.listdir(copy / "checkpoints")) == ["40"]
 
 
 def test_checkpointer_keeps_verified_checkpoints_before_unverified_ones(tmp_path):

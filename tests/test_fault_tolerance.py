@@ -354,6 +354,22 @@ def test_environment_failures_end_in_one_error_line(reference, tmp_path, monkeyp
   assert "[Errno 13] Permission denied" in line and "ro/.lock" in line
 
 
+def test_a_stop_requested_before_the_first_step_trains_nothing(reference, tmp_path):
+  from sift_jax import training  # pylint: disable=import-outside-toplevel
+  ref_dir, _ = reference
+  summary = training.train_and_evaluate(_config(), str(tmp_path / "new"), stop_requested=lambda: True)
+  assert summary["preempted"] and summary["steps"] == 0 and summary["checkpoint_step"] is None
+  assert not os.listdir(tmp_path / "new" / "checkpoints")
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "40")
+  before = _records(workdir)
+  summary = training.train_and_evaluate(_config(), str(workdir), stop_requested=lambda: True)
+  assert summary["preempted"] and summary["steps"] == summary["checkpoint_step"] == 38
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["36", "38"]
+  assert _records(workdir) == [r for r in before if r["step"] <= 38]
+
+
 def test_bad_config_files_end_in_one_error_line(tmp_path, capsys):
   from sift_jax import train  # pylint: disable=import-outside-toplevel
   cases = {
