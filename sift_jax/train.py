@@ -112,7 +112,7 @@ def _config_file_error(e: BaseException, path: str | None) -> str | None:
     return None
   shown = os.path.abspath(path)
   if isinstance(e, OSError) and not os.path.isfile(path):
-    return f"--config {path}: cannot read it: {e}"
+    return f"--config {path}: {'not a file' if os.path.exists(path) else 'no such file'}"
   if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == shown:
     return f"--config {path}: syntax error at line {e.lineno}: {e.msg}"
   if isinstance(e, AttributeError) and "get_config" in str(e):
@@ -133,7 +133,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     _check_override_keys(argv[1:])
     rest = flags.FLAGS(argv)
-    config = _CONFIG.value  # ml_collections may defer loading the file to here
+    # ml_collections defers a file that failed to load to the first use of the config; the
+    # free-form sections took their new keys: no more.
+    _CONFIG.value.lock()
   except Exception as e:  # pylint: disable=broad-except
     config_error = _config_file_error(e, _config_path(argv[1:]))
     if config_error is None:
@@ -142,7 +144,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
       traceback.print_exc()
     print(f"error: {config_error}", file=sys.stderr)
     sys.exit(2)
-  config.lock()  # the free-form sections took their new keys: no more
   return rest
 
 

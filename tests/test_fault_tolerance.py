@@ -366,7 +366,7 @@ def test_a_stop_requested_before_the_first_step_trains_nothing(reference, tmp_pa
   before = _records(workdir)
   summary = training.train_and_evaluate(_config(), str(workdir), stop_requested=lambda: True)
   assert summary["preempted"] and summary["steps"] == summary["checkpoint_step"] == 38
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["36", "38"]
+  assert os.listdir(workdir / "checkpoints") == ["38"]
   assert _records(workdir) == [r for r in before if r["step"] <= 38]
 
 
