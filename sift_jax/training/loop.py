@@ -723,36 +723,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.shardin
                                     run_config=config_lib.resume_config(config))
   cleanup.push("closing the checkpointer", ckpt.close)
   guard = checkpointing.VerifiedCheckpointer(ckpt)
-  loop_state: dict[str, Any] = {"best_eval_accuracy": None, "best_eval_loss": None,
-                                "wall_seconds": 0.0, "last_eval": None, "train_window": None}
-  restored = ckpt.restore_newest(funcs.abstract_state, agree=_any_process_agrees)
-  if restored is not None:
-    state, saved, start_step = restored
-    try:
-      train_iter.set_state(saved["train_iterator"])
-    except ValueError as e:
-      raise checkpointing.IncompatibleCheckpointError(
-          f"{ckpt.directory} step {start_step}: the saved data-iterator state does not fit this "
-          f"run's data configuration ({e}); use another --workdir") from e
-    loop_state.update(saved.get("loop", {}))
-    if int(jax.device_get(state.step)) != start_step:
-      raise checkpointing.IncompatibleCheckpointError(
-          f"{ckpt.directory}: checkpoint directory step {start_step} holds state.step "
-          f"{int(jax.device_get(state.step))}")
-    _log.info("sift_jax: resumed %s at step %d", workdir, start_step)
-  else:
-    state = funcs.init(np.int32(config.seed))
-    start_step = 0
+  state, start_step, loop_state, resumed = _restore_or_init(ckpt, funcs, config, train_iter, workdir)
   last_eval: Optional[dict] = None
   saved_eval = loop_state.get("last_eval")
-  if restored is not None and isinstance(saved_eval, Mapping) and saved_eval.get("step") == start_step:
+  if resumed and isinstance(saved_eval, Mapping) and saved_eval.get("step") == start_step:
     # The eval at the restored step was finite: its checkpoint is good. For a run that
     # had completed it is the final eval, not repeated (nor its record duplicated).
     ckpt.mark_verified(start_step)
     last_eval = {k: v for k, v in saved_eval.items() if k != "step"}
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
-                                     resume_step=start_step if restored is not None else -1)
+                                     resume_step=start_step if resumed else -1)
   cleanup.push("closing the metrics files", writer.close)
   window = metrics_lib.TrainWindow.from_state(loop_state.get("train_window"))
   spectral = None
@@ -760,9 +741,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.shardin
     # A resumed run's trajectory continues the points logged before (the writer has
     # already dropped those past the resumed step).
     earlier = (metrics_lib.read_metrics(workdir, split="spectral")
-               if restored is not None and is_main else ())
+               if resumed and is_main else ())
     spectral = _SpectralLog(int(t.spectral_every_steps), writer, is_main=is_main, earlier=earlier)
-    if restored is None:
+    if not resumed:
       spectral.maybe_log(0, state)  # the initial masks: where every trajectory starts
   progress = None
   if t.progress_bar and is_main:
@@ -777,7 +758,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.shardin
                            window=window, writer=writer)
   # Losses are checked on the host at least this often (one sync per interval).
   check_every = int(t.log_every_steps) or 100
-  last_saved = start_step if restored is not None else None
+  last_saved = start_step if resumed else None
   step = start_step
   # A SIGTERM during setup: stop before the first step (the state is the checkpoint's or
   # the initial one, so there is nothing new to save).
@@ -826,16 +807,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.shardin
     return summary
   if spectral is not None:
     spectral.plot(workdir)
-  summary["final_eval_loss"] = last_eval["loss"]
-  summary["best_eval_loss"] = loop_state["best_eval_loss"]
-  if info.task == "lm":
-    summary["final_eval_perplexity"] = last_eval["perplexity"]
-    summary["best_eval_perplexity"] = math.exp(min(loop_state["best_eval_loss"], 700.0))
-  # Top-1 accuracy; per token for language models.
-  summary["final_eval_accuracy"] = last_eval["accuracy"]
-  summary["best_eval_accuracy"] = loop_state["best_eval_accuracy"]
-  summary.update(_flops_report(funcs, state, config))
-  summary["config"] = config.to_dict()
+  summary.update(_final_results(funcs, state, config, info, last_eval, loop_state))
   if is_main:
     tmp = os.path.join(workdir, "summary.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -844,6 +816,46 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.shardin
   writer.write(step, "summary", {k: v for k, v in summary.items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
   return summary
+
+
+def _restore_or_init(ckpt: checkpointing.Checkpointer, funcs: RunFunctions,
+                     config: ml_collections.ConfigDict, train_iter: Any,
+                     workdir: str) -> tuple[Any, int, dict[str, Any], bool]:
+  """``(state, start_step, loop_state, resumed)`` from the newest intact checkpoint, else a fresh init."""
+  loop_state: dict[str, Any] = {"best_eval_accuracy": None, "best_eval_loss": None,
+                                "wall_seconds": 0.0, "last_eval": None, "train_window": None}
+  restored = ckpt.restore_newest(funcs.abstract_state, agree=_any_process_agrees)
+  if restored is None:
+    return funcs.init(np.int32(config.seed)), 0, loop_state, False
+  state, saved, start_step = restored
+  try:
+    train_iter.set_state(saved["train_iterator"])
+  except ValueError as e:
+    raise checkpointing.IncompatibleCheckpointError(
+        f"{ckpt.directory} step {start_step}: the saved data-iterator state does not fit this "
+        f"run's data configuration ({e}); use another --workdir") from e
+  loop_state.update(saved.get("loop", {}))
+  if int(jax.device_get(state.step)) != start_step:
+    raise checkpointing.IncompatibleCheckpointError(
+        f"{ckpt.directory}: checkpoint directory step {start_step} holds state.step "
+        f"{int(jax.device_get(state.step))}")
+  _log.info("sift_jax: resumed %s at step %d", workdir, start_step)
+  return state, start_step, loop_state, True
+
+
+def _final_results(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict, info: Any,
+                   last_eval: Mapping[str, Any], loop_state: Mapping[str, Any]) -> dict[str, Any]:
+  """The summary's eval results, FLOP accounting and config of a completed run."""
+  out: dict[str, Any] = {"final_eval_loss": last_eval["loss"], "best_eval_loss": loop_state["best_eval_loss"]}
+  if info.task == "lm":
+    out["final_eval_perplexity"] = last_eval["perplexity"]
+    out["best_eval_perplexity"] = math.exp(min(loop_state["best_eval_loss"], 700.0))
+  # Top-1 accuracy; per token for language models.
+  out["final_eval_accuracy"] = last_eval["accuracy"]
+  out["best_eval_accuracy"] = loop_state["best_eval_accuracy"]
+  out.update(_flops_report(funcs, state, config))
+  out["config"] = config.to_dict()
+  return out
 
 
 def _json_default(value: Any) -> Any:
