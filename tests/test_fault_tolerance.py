@@ -273,6 +273,38 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_an_older_one_resumes(refer
   assert sorted(os.listdir(workdir / "checkpoints")) == ["38", "40"]
 
 
+def test_a_flipped_bit_that_reads_back_is_caught_by_the_checksums(tmp_path, caplog):
+  import jax  # pylint: disable=import-outside-toplevel
+  from sift_jax import training  # pylint: disable=import-outside-toplevel
+  directory = str(tmp_path / "ckpt")
+  state = {"w": jax.numpy.arange(4096.0), "b": jax.numpy.ones((64,), jax.numpy.int32)}
+  ckpt = training.Checkpointer(directory, keep=3, run_fingerprint={}, async_save=False)
+  ckpt.save(1, state, {})
+  ckpt.save(2, state, {})
+  assert training.state_checksums(state) == {"b": 64, "w": int(np.sum(np.arange(4096.0, dtype=np.float32)
+                                                                     .view(np.uint32), dtype=np.uint32))}
+  ckpt.close()
+  target = _largest_file(os.path.join(directory, "2", "state"))
+  with open(target, "r+b") as f:  # uncompressed float data: tensorstore reads it back without error
+    f.seek(os.path.getsize(target) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 1]))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+  ckpt = training.Checkpointer(directory, keep=3, run_fingerprint={})
+  with pytest.raises(ValueError, match=r"step 2 is damaged: checksum mismatch in 1 state leaves, e.g. 'w'"):
+    ckpt.restore(abstract, 2)
+  with caplog.at_level(logging.WARNING, logger="sift_jax"):
+    restored, _, step = ckpt.restore_newest(abstract)
+  ckpt.close()
+  assert step == 1 and os.listdir(directory + ".damaged") == ["2"]
+  assert [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()] == [
+      f"sift_jax: checkpoint step 2 in {directory} is damaged (checksum mismatch in 1 state leaves, "
+      f"e.g. 'w'); moved it to {directory}.damaged/2, falling back to an older checkpoint"]
+  _assert_trees_equal(jax.device_get(restored), jax.device_get(state))
+
+
 def _hold_lock_in_child(workdir):
   """A child process (plain Python) holding the workdir's lock the way a run does."""
   code = textwrap.dedent(f'''
