@@ -236,6 +236,14 @@ def _quiet_background_errors() -> None:
   sys.unraisablehook = unraisable_hook
 
 
+def _silence_background_errors() -> None:
+  """After a failure: no more output from other libraries' threads and logs (orbax writers
+  failing on the same full disk, or at interpreter shutdown), so the error line comes last."""
+  threading.excepthook = lambda args: None
+  sys.unraisablehook = lambda args: None
+  logging.disable(logging.CRITICAL)
+
+
 def _let_background_threads_end(timeout_s: float = 10.0) -> None:
   """Gives the writer threads of a failed run a moment to end, so that the error line comes last."""
   deadline = time.time() + timeout_s
@@ -268,8 +276,10 @@ def main(argv: list[str]) -> int:
       raise  # not an expected failure: a bug, with its traceback
     if _TRACEBACK.value:
       traceback.print_exc()
+    else:
+      _silence_background_errors()  # what fails now follows from the error reported
     _let_background_threads_end()
-    print(line, file=sys.stderr)
+    print(line, file=sys.stderr, flush=True)
     return 1
   if summary["preempted"]:
     saved = summary.get("checkpoint_step")
