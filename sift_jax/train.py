@@ -217,9 +217,11 @@ class _OneLineLogs(logging.Filter):
   traceback: a full disk gave hundreds of lines); ``--traceback`` turns this off."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.name != "sift_jax" and (record.exc_info or record.exc_text):
-      record.msg = (record.getMessage().strip().splitlines() or [""])[0][:300]
-      record.args, record.exc_info, record.exc_text = (), None, None
+    if record.name != "sift_jax":
+      message = record.getMessage().strip()
+      if record.exc_info or record.exc_text or "\n" in message:
+        record.msg = (message.splitlines() or [""])[0][:300]
+        record.args, record.exc_info, record.exc_text = (), None, None
     return True
 
 

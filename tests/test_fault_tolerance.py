@@ -92,10 +92,11 @@ def _run_worker(tmp_path, workdir, mode="none", arg="0", timeout=180):
   if not config_path.exists():
     config_path.write_text(CONFIG_FILE)
   env = dict(os.environ)
-  # Restarts reuse the compiled steps; the executables are the same, so are the results.
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  if mode != "write_limit":  # (the cache's files would hit the limit too)
+    # Restarts reuse the compiled steps; the executables are the same, so are the results.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return subprocess.run([sys.executable, __file__, "--worker", mode, arg, str(config_path), str(workdir)],
                         env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -374,6 +375,7 @@ def test_environment_failures_end_in_one_error_line(reference, tmp_path, monkeyp
   assert out.returncode == 1, out.stderr[-3000:]
   lines = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == lines[0]  # the last word
   assert "[Errno 27] File too large" in lines[0] and str(workdir) in lines[0]
   assert "Checkpoints already written are kept" in lines[0]
   assert sorted(n for n in os.listdir(workdir / "checkpoints") if "tmp" not in n) == kept
