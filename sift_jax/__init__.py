@@ -7,7 +7,11 @@ Sparse-IFT family as Flax layers and model transforms
 training and spectral analysis of masks.
 """
 
-from sift_jax import flops
+# First: `python -m sift_jax.train` handles SIGTERM from its start (see there).
+from sift_jax import _sigterm
+_sigterm.install_for_training_cli()
+
+from sift_jax import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
 from sift_jax import masks
 from sift_jax import models
 from sift_jax import optim

@@ -56,6 +56,7 @@ __all__ = [
     "FLAX_ATTENTION_OUTPUT_AXES",
     "SUMMARY_KEYS",
     "SpectralLogger",
+    "spectral_record",
     "layer_metrics",
     "model_metrics",
     "trajectory_plot",
@@ -494,16 +495,26 @@ class SpectralLogger:
     summary = model_metrics(
         params, masks, min_degree=self.min_degree, solver=self.solver
     )["summary"]
-    record: dict[str, Any] = {"step": step, "split": "spectral"}
-    for key, value in summary.items():
-      if isinstance(value, float) and math.isnan(value):
-        value = None  # JSON has no NaN.
-      record[key] = value
+    record = {"step": step, "split": "spectral", **spectral_record(summary)}
     path = pathlib.Path(self.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     return summary
+
+
+def spectral_record(summary: Mapping[str, Any]) -> dict[str, Any]:
+  """The logged fields of a :func:`model_metrics` summary: NaN becomes None (JSON has no NaN).
+
+  The one record format of spectral metrics, written by :class:`SpectralLogger`
+  and by the training loop (``training.spectral_every_steps``).
+  """
+  record: dict[str, Any] = {}
+  for key, value in summary.items():
+    if isinstance(value, (float, np.floating)):
+      value = None if math.isnan(value) else float(value)
+    record[key] = value
+  return record
 
 
 def _record_value(record: Mapping[str, Any], name: str) -> float:

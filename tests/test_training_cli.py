@@ -133,3 +133,19 @@ def test_override_keys_outside_free_sections_must_exist():
     train._check_override_keys(["--config.optimizer.lr=0.1"])
   with pytest.raises(ValueError, match=r"no section 'dataset.option'"):
     train._check_override_keys(["--config.dataset.option.num_samples=10"])
+
+
+def test_sigterm_during_start_up_stops_cleanly(tmp_path):
+  """SIGTERM while the process still imports and compiles: exit 0, nothing trained or lost."""
+  config = tmp_path / "tiny.py"
+  config.write_text(TINY_CONFIG)
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "sift_jax.train", "--config", str(config), "--workdir", str(workdir)]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  time.sleep(0.5)  # the package import takes seconds
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "preempted at step 0; no checkpoint yet" in stdout
+  assert not (workdir / "summary.json").exists()

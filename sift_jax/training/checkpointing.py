@@ -24,22 +24,40 @@ before every save); a verified checkpoint is only deleted once ``keep`` newer
 verified ones exist. A non-finite loss at step ``b`` deletes the checkpoints of
 steps ``>= b`` (:meth:`Checkpointer.discard_from`): they hold the state that
 produced it, or states computed from it. Orbax's own ``max_to_keep`` is off.
+:class:`VerifiedCheckpointer` is the loop's side of this: it checks the losses
+(one host sync per check, never per step), marks checkpoints verified, and
+turns a non-finite loss into :class:`NonFiniteLossError`.
+
+Integrity. Every checkpoint stores a checksum of each state leaf (the wrapping
+``uint32`` sum of its bit pattern, computed on device, so any single flipped
+bit changes it). :meth:`Checkpointer.restore_newest` tries the checkpoints
+newest first and returns the newest that restores and whose checksums match;
+each damaged one on the way (a truncated, deleted or corrupted file) is moved
+aside, not deleted, into ``<directory>.damaged/`` with a one-line warning
+naming it. Checkpoints of another run are never moved: they are refused with
+:class:`IncompatibleCheckpointError`. Half-written ``*.orbax-checkpoint-tmp*``
+directories (a process killed while saving) are removed when a directory is
+opened.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Callable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from sift_jax.masks import tree_paths
 from sift_jax.training import config as config_lib
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError", "state_fingerprint"]
+__all__ = ["Checkpointer", "IncompatibleCheckpointError", "NonFiniteLossError", "VerifiedCheckpointer",
+           "state_checksums", "state_fingerprint"]
 
 _FORMAT = "sift_jax.training.checkpoint/v1"
 _log = logging.getLogger("sift_jax")
@@ -47,6 +65,53 @@ _log = logging.getLogger("sift_jax")
 
 class IncompatibleCheckpointError(ValueError):
   """The checkpoint in a workdir belongs to a different run."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite.
+
+  Attributes:
+    step: 0-based index of the training step whose loss was not finite: the
+      loss of the state after ``step`` updates (for a non-finite eval loss,
+      the step the eval ran at).
+    last_checkpoint: The newest checkpoint kept in the workdir, one whose own
+      loss was verified finite (``< step``; None if there is none). Resuming
+      the workdir continues from it.
+  """
+
+  def __init__(self, message: str, *, step: int, last_checkpoint: Optional[int]):
+    super().__init__(message)
+    self.step = step
+    self.last_checkpoint = last_checkpoint
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """Wrapping ``uint32`` sum of the bit pattern of ``x`` (any dtype)."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 4:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize in (1, 2):
+    unsigned = jnp.uint8 if x.dtype.itemsize == 1 else jnp.uint16
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  else:  # 8 bytes: two words per element
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jnp.sum(words, dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def state_checksums(state: Any) -> dict[str, int]:
+  """``{path: checksum}`` of every leaf of a state (see the module docstring); one host sync."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  sums = jax.device_get(_checksums([leaf for _, leaf in flat]))
+  return {tree_paths.path_str(p): int(c) for (p, _), c in zip(flat, sums)}
+
+
+class _Damaged(Exception):
+  """A checkpoint that cannot be restored intact (internal to :meth:`Checkpointer.restore_newest`)."""
 
 
 def state_fingerprint(abstract_state: Any) -> dict[str, list]:
@@ -90,11 +155,16 @@ class Checkpointer:
     self._run_fingerprint = dict(run_fingerprint)
     self._run_config = None if run_config is None else dict(run_config)
     # Retention is managed here (verified-first), not by orbax's max_to_keep.
+    # cleanup_tmp_directories: half-written saves of a killed process are removed on open.
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "meta"))
-    steps = sorted(self.all_steps())
+    self._reset_verified()
+
+  def _reset_verified(self) -> None:
+    steps = self.all_steps()
     # States with step <= this watermark have a verified finite loss.
     self._verified_through = steps[-2] if len(steps) > 1 else -1
 
@@ -120,7 +190,7 @@ class Checkpointer:
     then the oldest verified checkpoints beyond ``keep`` are deleted.
     """
     meta = {"format": _FORMAT, "step": int(step), "run": self._run_fingerprint,
-            "state": state_fingerprint(state)}
+            "state": state_fingerprint(state), "checksums": state_checksums(state)}
     if self._run_config is not None:
       meta["config"] = self._run_config
     self._manager.save(int(step), args=ocp.args.Composite(
@@ -153,14 +223,19 @@ class Checkpointer:
         self._manager.delete(s)
     self._verified_through = min(self._verified_through, int(step) - 1)
 
-  def check_compatible(self, step: int, abstract_state: Any) -> None:
+  def _read_meta(self, step: int) -> Any:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def check_compatible(self, step: int, abstract_state: Any, *, meta: Any = None) -> None:
     """Raises :class:`IncompatibleCheckpointError` if checkpoint ``step`` is another run's."""
-    try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # pylint: disable=broad-except
-      raise IncompatibleCheckpointError(
-          f"{self.directory} holds checkpoint step {step} that sift_jax cannot read ({type(e).__name__}: "
-          f"{e}); use another --workdir or move that directory away") from e
+    if meta is None:
+      try:
+        meta = self._read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        raise IncompatibleCheckpointError(
+            f"{self.directory} holds checkpoint step {step} that sift_jax cannot read "
+            f"({type(e).__name__}: {_first_line(e)}); use another --workdir or move that directory "
+            "away") from e
     if not isinstance(meta, Mapping) or meta.get("format") != _FORMAT:
       raise IncompatibleCheckpointError(
           f"{self.directory} step {step} is not a sift_jax training checkpoint (format "
@@ -209,15 +284,92 @@ class Checkpointer:
     Raises:
       FileNotFoundError: if there is no checkpoint.
       IncompatibleCheckpointError: if the checkpoint belongs to another run.
+      ValueError: if its state does not match the checksums saved with it.
     """
     self._manager.wait_until_finished()
     step = self.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     self.check_compatible(step, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.data), step
+    try:
+      return self._restore_intact(step, abstract_state)
+    except _Damaged as e:
+      raise ValueError(f"{self.directory} step {step} is damaged: {e}") from e.__cause__
+
+  def _restore_intact(self, step: int, abstract_state: Any, meta: Any = None) -> tuple[Any, dict, int]:
+    """Restores checkpoint ``step``; raises :class:`_Damaged` if it cannot be read or verified."""
+    try:
+      if meta is None:
+        meta = self._read_meta(step)
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      state, data_state = restored.state, dict(restored.data)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Damaged(f"{type(e).__name__}: {_first_line(e)}") from e
+    saved = meta.get("checksums") if isinstance(meta, Mapping) else None
+    if saved is not None:  # (checkpoints written before checksums were stored have none)
+      actual = state_checksums(state)
+      wrong = sorted(p for p in set(saved) | set(actual) if saved.get(p) != actual.get(p))
+      if wrong:
+        raise _Damaged(f"checksum mismatch in {len(wrong)} state leaves, e.g. {wrong[0]!r}")
+    return state, data_state, int(step)
+
+  def restore_newest(self, abstract_state: Any, *,
+                     agree: Callable[[bool], bool] = lambda damaged: damaged) -> Optional[tuple[Any, dict, int]]:
+    """Restores the newest intact checkpoint; moves damaged newer ones aside.
+
+    Checkpoints are tried newest first. One that cannot be read or whose
+    state does not match its checksums is moved to ``<directory>.damaged/``
+    (by the primary process) with a one-line warning, and the next older one
+    is tried.
+
+    Args:
+      abstract_state: As for :meth:`restore`.
+      agree: ``agree(damaged) -> damaged`` for all processes (a multi-process
+        run passes "any process found it damaged", so all processes fall back
+        together).
+
+    Returns:
+      ``(state, data_state, step)``, or None when no checkpoint is left.
+
+    Raises:
+      IncompatibleCheckpointError: the newest readable checkpoint is another
+        run's, or this run's with a changed config (nothing is moved).
+    """
+    self._manager.wait_until_finished()
+    for step in sorted(self.all_steps(), reverse=True):
+      error, meta = None, None
+      try:
+        meta = self._read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except
+        error = f"metadata unreadable: {type(e).__name__}: {_first_line(e)}"
+      if not agree(error is not None):
+        self.check_compatible(step, abstract_state, meta=meta)
+        try:
+          restored = self._restore_intact(step, abstract_state, meta)
+        except _Damaged as e:
+          error, restored = str(e), None
+        if not agree(error is not None):
+          # Older than a checkpoint that existed: its own loss was checked before that save.
+          return restored
+      self._move_aside(step, error or "damaged on another process")
+    self._reset_verified()
+    return None
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory + ".damaged", str(step))
+    if jax.process_index() == 0 and os.path.exists(source):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        target = f"{target}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
+      os.replace(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"sift_jax_checkpoint_moved_{step}")
+    _log.warning("sift_jax: checkpoint step %d in %s is damaged (%s); moved it to %s, falling back "
+                 "to an older checkpoint", step, self.directory, reason, target)
+    self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the JAX preemption service (TPU pods) asks all processes to save at ``step``."""
@@ -230,6 +382,70 @@ class Checkpointer:
     """Waits for pending writes and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class VerifiedCheckpointer:
+  """The loop's checkpoints with finite-loss checking: what may be kept and what is good.
+
+  The training step's losses are device scalars; :meth:`record` keeps them and
+  :meth:`check` fetches the unchecked ones in one host sync, so the loop checks
+  every few steps, never per step. A finite loss at step ``s`` verifies the
+  checkpoint of step ``s`` (see the module docstring); a non-finite one deletes
+  the checkpoints holding that state and raises :class:`NonFiniteLossError`.
+  :meth:`save` checks first, so no checkpoint is written after a diverged step.
+
+  Args:
+    checkpointer: The run's :class:`Checkpointer`.
+  """
+
+  def __init__(self, checkpointer: Checkpointer):
+    self.checkpointer = checkpointer
+    self._unchecked: list[tuple[int, Any]] = []
+
+  def record(self, step: int, loss: Any) -> None:
+    """Keeps the (device) loss of training step ``step`` (the state after ``step`` updates)."""
+    self._unchecked.append((int(step), loss))
+
+  def check(self) -> None:
+    """Raises :class:`NonFiniteLossError` for the first non-finite loss recorded since the last check."""
+    if not self._unchecked:
+      return
+    fresh, self._unchecked = self._unchecked, []
+    losses = jax.device_get([loss for _, loss in fresh])
+    for (step, _), loss in zip(fresh, losses):
+      if not math.isfinite(float(loss)):
+        raise self._diverged(step, f"training loss {float(loss)}")
+    self.checkpointer.mark_verified(fresh[-1][0])
+
+  def check_eval(self, step: int, loss: float) -> None:
+    """An eval at ``step`` verifies its checkpoint, or stops the run if its loss is not finite."""
+    if not math.isfinite(loss):
+      raise self._diverged(step, f"eval loss {loss}")
+    self.checkpointer.mark_verified(step)
+
+  def save(self, step: int, state: Any, data_state: Mapping[str, Any]) -> None:
+    """Checks the recorded losses, then saves (see :meth:`Checkpointer.save`)."""
+    self.check()
+    self.checkpointer.save(step, state, data_state)
+
+  def _diverged(self, bad_step: int, what: str) -> NonFiniteLossError:
+    ckpt = self.checkpointer
+    ckpt.discard_from(bad_step)
+    if bad_step > 0:
+      ckpt.mark_verified(bad_step - 1)
+    good = ckpt.last_verified_step()
+    where = (f"the last good checkpoint (its own loss finite) in {ckpt.directory} is step {good}; "
+             f"resuming this workdir continues from it" if good is not None else
+             f"there is no good checkpoint in {ckpt.directory}; the run would start over")
+    return NonFiniteLossError(
+        f"non-finite {what} at step {bad_step}; stopped. Checkpoints of steps >= {bad_step} hold "
+        f"that state and were deleted; {where}. Lower optimizer.learning_rate or enable "
+        f"optimizer.grad_clip_norm in another --workdir", step=bad_step, last_checkpoint=good)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else repr(error)
 
 
 def _show(value: Any) -> str:

@@ -84,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
     model.kwargs: Extra keyword arguments of the model (width, depth...).
     sparse.method: ``rigl``, ``set``, ``static`` or ``none`` (dense training;
       forced for ``model.sparsity == 0``).
-    sparse.*: RigL / SET options (SPEC section 4), see :func:`sift_jax.rigl`.
+    sparse.*: RigL / SET options (docs/method.md; Evci et al. 2020), see :func:`sift_jax.rigl`.
     optimizer.name: ``sgd``, ``nesterov`` (SGD with Nesterov momentum) or
       ``adamw``.
     optimizer.weight_decay_exclude: Regex; parameters whose path matches get

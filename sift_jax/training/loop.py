@@ -10,25 +10,34 @@ latest checkpoint of the workdir if there is one, and trains:
   ``data``; with several processes (``jax.distributed.initialize``) each
   process reads its part of every global batch and the global arrays are
   assembled with ``jax.make_array_from_process_local_data``;
+* one process at a time: the workdir is locked for the whole run
+  (:mod:`sift_jax.training.workdir`); a second run on it fails at once naming
+  the holder's pid and host;
 * every ``checkpoint_every_steps`` a checkpoint holds the state, the data
-  iterator's position, the loop's bookkeeping and the resolved config, so a
-  resumed run is bitwise equal to an uninterrupted one on CPU; resuming with
-  a changed config is refused except for the operational keys of
+  iterator's position, the loop's bookkeeping (best evals, the unlogged
+  steps' metrics) and the resolved config, so a resumed run is bitwise equal
+  to an uninterrupted one on CPU, and so are its ``metrics.jsonl`` records
+  (wall-clock fields aside); resuming with a changed config is refused except
+  for the operational keys of
   :data:`sift_jax.training.config.RESUME_OPERATIONAL_KEYS`;
-* SIGTERM (preemption) makes the loop save at the next step boundary and
-  return cleanly;
+* restore takes the newest checkpoint that reads back intact (checksums
+  verified); damaged newer ones are moved aside with a warning (see
+  :mod:`sift_jax.training.checkpointing`);
+* SIGTERM (preemption), from the start of the call, makes the loop save at
+  the next step boundary and return cleanly (before the first step: return
+  without training);
 * a non-finite loss stops the run with :class:`NonFiniteLossError` naming the
   step and the last good checkpoint. The losses are checked on the host every
   ``log_every_steps`` (or 100 when that is 0) steps, before every save and
   every eval, and each eval's loss too: one host sync per interval, none per
-  step. The checkpoint of step ``s`` counts as good (verified) once the loss
-  of its own state, the training loss of step ``s`` or an eval at ``s``, was
-  finite; ``keep_checkpoints`` counts verified checkpoints, and a non-finite
-  loss at step ``b`` deletes the checkpoints of steps ``>= b`` (see
-  :mod:`sift_jax.training.checkpointing`);
+  step (:class:`sift_jax.training.checkpointing.VerifiedCheckpointer`, which
+  also decides which checkpoints count as good);
 * metrics go to ``metrics.jsonl`` and TensorBoard, the outcome to
   ``summary.json``; a resumed run first drops the records its predecessor
-  wrote after the checkpoint it resumes from.
+  wrote after the checkpoint it resumes from;
+* an error closes everything the run opened; a second failure while closing
+  (an orbax write that hit the same full disk) is logged in one line and never
+  replaces the first.
 
 Compiled functions are cached per process by the run's structure (everything
 in the config but the seed), so the runs of a sweep that differ only in the
@@ -64,6 +73,7 @@ from sift_jax.training import metrics as metrics_lib
 from sift_jax.training import optimizers
 from sift_jax.training import state as state_lib
 from sift_jax.training import step as step_lib
+from sift_jax.training import workdir as workdir_lib
 
 __all__ = ["train_and_evaluate", "evaluate", "make_eval_dataset", "training_length",
            "NonFiniteLossError", "RunFunctions", "build_run", "clear_compilation_cache"]
@@ -71,22 +81,7 @@ __all__ = ["train_and_evaluate", "evaluate", "make_eval_dataset", "training_leng
 _log = logging.getLogger("sift_jax")
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite.
-
-  Attributes:
-    step: 0-based index of the training step whose loss was not finite: the
-      loss of the state after ``step`` updates (for a non-finite eval loss,
-      the step the eval ran at).
-    last_checkpoint: The newest checkpoint kept in the workdir, one whose own
-      loss was verified finite (``< step``; None if there is none). Resuming
-      the workdir continues from it.
-  """
-
-  def __init__(self, message: str, *, step: int, last_checkpoint: Optional[int]):
-    super().__init__(message)
-    self.step = step
-    self.last_checkpoint = last_checkpoint
+NonFiniteLossError = checkpointing.NonFiniteLossError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,14 +335,25 @@ def _make_datasets_module():
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and stops at the next step boundary."""
+  """SIGTERM sets a flag; the loop saves and stops at the next step boundary.
 
-  def __init__(self):
-    self.requested = False
+  Installed for the whole of :func:`train_and_evaluate`, setup included, so a
+  SIGTERM while the data, the model or the checkpoint are still loading stops
+  the run cleanly before its first step. ``already`` reports a SIGTERM the
+  caller caught before (the command line installs its own handler first).
+  """
+
+  def __init__(self, already: Optional[Callable[[], bool]] = None):
+    self._already = already
+    self._flag = False
     self._previous = None
 
+  @property
+  def requested(self) -> bool:
+    return self._flag or (self._already is not None and bool(self._already()))
+
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    self._flag = True
     _log.warning("sift_jax: SIGTERM received; saving a checkpoint at the next step boundary")
 
   def __enter__(self):
@@ -359,6 +365,37 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+class _Cleanup:
+  """Releases a run's resources in reverse order without masking the error that stopped it.
+
+  While an error propagates (a full disk, a non-finite loss...), a resource
+  that fails to close too (an orbax write that hit the same full disk) is
+  reported in one warning line and the original error is what the caller
+  sees. After a clean run, the first cleanup failure is raised.
+  """
+
+  def __init__(self):
+    self._actions: list[tuple[str, Callable[[], Any]]] = []
+
+  def push(self, what: str, action: Callable[[], Any]) -> None:
+    self._actions.append((what, action))
+
+  def run(self, *, failing: bool) -> None:
+    first = None
+    while self._actions:
+      what, action = self._actions.pop()
+      try:
+        action()
+      except Exception as e:  # pylint: disable=broad-except
+        if failing or first is not None:
+          _log.warning("sift_jax: %s failed as well: %s: %s", what, type(e).__name__,
+                       (str(e).strip().splitlines() or [""])[0][:300])
+        else:
+          first = e
+    if first is not None:
+      raise first
 
 
 def make_eval_dataset(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> Any:
@@ -431,7 +468,7 @@ def _mask_densities(masks: Any) -> Any:
 
 
 def _flops_report(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Training FLOPs of the run and of the untransformed dense baseline (SPEC section 5).
+  """Training FLOPs of the run and of the untransformed dense baseline (docs/method.md).
 
   FLOPs = 2 x MACs; forward costs are per example from
   :func:`sift_jax.flops.model_report` with the run's final masks. The run's
@@ -479,27 +516,129 @@ def _run_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "optimizer": config.optimizer.name, "dataset": config.dataset.name}
 
 
-def _spectral_hook(step: int, state: Any, *, every: int, writer: Any, records: list, is_main: bool) -> None:
-  """Logs the layer-mean spectral metrics of the masks (host side) every ``every`` steps."""
-  if step % every:
+class _SpectralLog:
+  """The loop's spectral logging: layer-mean metrics of the masks every ``every`` steps.
+
+  Records have the format of :func:`sift_jax.spectral.spectral_record` (that of
+  :class:`sift_jax.spectral.SpectralLogger`) and go through the run's
+  :class:`~sift_jax.training.metrics.MetricsWriter`; :meth:`plot` draws the
+  whole trajectory, a resumed run's earlier points included.
+  """
+
+  def __init__(self, every: int, writer: metrics_lib.MetricsWriter, *, is_main: bool,
+               earlier: Sequence[Mapping[str, Any]] = ()):
+    self.every = int(every)
+    self._writer = writer
+    self._is_main = is_main
+    self.records: list[dict[str, Any]] = [dict(r) for r in earlier]
+
+  def maybe_log(self, step: int, state: Any) -> None:
+    if step % self.every:
+      return
+    tree = (state.params, sparse_lib.get_masks(state.opt_state))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      tree = multihost_utils.process_allgather(tree, tiled=True)
+    if not self._is_main:
+      return
+    params, masks = jax.device_get(tree)
+    record = spectral_lib.spectral_record(spectral_lib.model_metrics(params, masks)["summary"])
+    self._writer.write(step, "spectral", record)
+    self.records.append({"step": int(step), "split": "spectral", **record})
+
+  def plot(self, workdir: str) -> None:
+    if self.records and self._is_main:
+      spectral_lib.trajectory_plot({os.path.basename(os.path.normpath(workdir)): self.records},
+                                   os.path.join(workdir, "spectral_trajectory.png"))
+
+
+def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock:
+  """Process 0 takes the workdir's lock for the whole job; every process learns the outcome."""
+  lock = workdir_lib.WorkdirLock(workdir)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except (workdir_lib.WorkdirLockedError, OSError) as e:
+      error = e
+  if jax.process_count() > 1 and _any_process(error is not None) and error is None:
+    raise workdir_lib.WorkdirLockedError(f"process 0 could not lock workdir {workdir}; see its error",
+                                         holder={})
+  if error is not None:
+    raise error
+  return lock
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  t = config.training
+  dp = mesh.shape["data"]
+  if t.batch_size % (dp * t.grad_accum_steps):
+    raise ValueError(
+        f"config.training.batch_size={t.batch_size} is not divisible by the data-parallel size "
+        f"{dp}" + (f" x grad_accum_steps {t.grad_accum_steps}" if t.grad_accum_steps > 1 else ""))
+  if t.eval_batch_size % dp:
+    raise ValueError(f"config.training.eval_batch_size={t.eval_batch_size} is not divisible by the "
+                     f"data-parallel size {dp}")
+
+
+def _every(step: int, interval: int) -> bool:
+  return interval > 0 and step % interval == 0
+
+
+def _log_train(step: int, window: metrics_lib.TrainWindow, guard: checkpointing.VerifiedCheckpointer,
+               writer: metrics_lib.MetricsWriter, progress: Any) -> None:
+  """Writes the window's train record at ``step`` (after checking its losses)."""
+  if not len(window):
     return
-  tree = (state.params, sparse_lib.get_masks(state.opt_state))
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    tree = multihost_utils.process_allgather(tree, tiled=True)
-  if not is_main:
-    return
-  params, masks = jax.device_get(tree)
-  summary = spectral_lib.model_metrics(params, masks)["summary"]
-  finite = {k: float(v) for k, v in summary.items()
-            if isinstance(v, (int, float, np.floating)) and math.isfinite(float(v))}
-  writer.write(step, "spectral", finite)
-  records.append({"step": step, **finite})
+  guard.check()
+  mean = window.mean()
+  writer.write(step, "train", mean)
+  if progress is not None:
+    progress.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
+
+
+def _evaluate_and_log(step: int, funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict,
+                      eval_iter: Any, guard: checkpointing.VerifiedCheckpointer,
+                      writer: metrics_lib.MetricsWriter, loop_state: dict[str, Any]) -> dict:
+  """Evaluates at ``step``, writes the record and updates the best-so-far values in ``loop_state``."""
+  guard.check()  # no eval of a run already known to have diverged
+  result = evaluate(funcs, state, config, dataset=eval_iter)
+  guard.check_eval(step, result["loss"])
+  writer.write(step, "eval", result)
+  best = loop_state["best_eval_accuracy"]
+  loop_state["best_eval_accuracy"] = result["accuracy"] if best is None else max(best, result["accuracy"])
+  best_loss = loop_state["best_eval_loss"]
+  loop_state["best_eval_loss"] = result["loss"] if best_loss is None else min(best_loss, result["loss"])
+  loop_state["last_eval"] = {"step": int(step), **result}
+  return result
+
+
+def _save(step: int, state: Any, *, guard: checkpointing.VerifiedCheckpointer, train_iter: Any,
+          loop_state: dict[str, Any], window: metrics_lib.TrainWindow,
+          writer: metrics_lib.MetricsWriter, wall_seconds: float) -> None:
+  """Checkpoints ``step``: state, data position, and what the next records depend on."""
+  loop_state["wall_seconds"] = wall_seconds
+  loop_state["train_window"] = window.state()  # the unlogged steps' metrics
+  writer.flush()  # the records of steps <= step reach the OS before the checkpoint exists
+  guard.save(step, state, {"train_iterator": train_iter.get_state(), "loop": dict(loop_state)})
+
+
+def _stop_requested(step: int, preemption: _Preemption, ckpt: checkpointing.Checkpointer,
+                    check_every: int) -> bool:
+  """Whether to save and stop after ``step``; the same answer on every process."""
+  if jax.process_count() == 1:
+    return preemption.requested
+  # Every process must stop at the same step: the JAX preemption service (TPU
+  # pods) syncs each step; a local SIGTERM is shared at check steps.
+  if ckpt.reached_preemption(step):
+    return True
+  return _every(step, check_every) and _any_process(preemption.requested)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        hooks: Sequence[Callable[[int, Any], None]] = (),
-                       get_model: Optional[Callable[..., Any]] = None) -> dict[str, Any]:
+                       get_model: Optional[Callable[..., Any]] = None,
+                       stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
   """Trains and evaluates one run; resumes from ``workdir`` if it holds a checkpoint.
 
   Args:
@@ -511,40 +650,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bar, ``eval_batch_size``, where the data lives and how fast it is read,
       the mesh layout) may differ.
     workdir: Run directory: ``checkpoints/``, ``metrics.jsonl``,
-      ``tensorboard/`` and ``summary.json``.
+      ``tensorboard/``, ``summary.json`` and the lock file ``.lock``.
     hooks: Called as ``hook(step, state)`` after each step (``step`` = steps
       done); for tests and custom monitoring. The state's buffers are donated
       to the next step: keep a copy (``jax.device_get``), not the arrays.
     get_model: Model factory (default :func:`sift_jax.models.get_model`).
+    stop_requested: ``() -> bool``, True once the caller caught a SIGTERM
+      before this function installed its own handler (the command line
+      does); the run then stops as if preempted.
 
   Returns:
     The summary dict (also written to ``workdir/summary.json`` when training
-    completed); ``"preempted": True`` if SIGTERM stopped it early.
+    completed); ``"preempted": True`` if SIGTERM stopped it early, with
+    ``"checkpoint_step"`` the step it can resume from (None: none saved).
 
   Raises:
     ValueError: for a bad config (unknown key, batch size not divisible by
       the data-parallel size...).
     FileNotFoundError: a dataset that is not prepared.
+    WorkdirLockedError: another live process runs in ``workdir``.
     IncompatibleCheckpointError: ``workdir`` holds another run's checkpoint,
       or this run's checkpoint with a changed (non-operational) config.
     NonFiniteLossError: the loss became NaN/inf; the checkpoints holding that
       state are deleted and the last good one (its loss verified finite) is
       kept.
+    OSError: the workdir cannot be written (full, read-only, a file...); the
+      checkpoints already written are kept.
   """
   t_start = time.time()
   config_lib.validate_config(config)
   workdir = os.path.abspath(os.fspath(workdir))
   mesh = _make_mesh(config)
-  t = config.training
-  dp = mesh.shape["data"]
-  if t.batch_size % (dp * t.grad_accum_steps):
-    raise ValueError(
-        f"config.training.batch_size={t.batch_size} is not divisible by the data-parallel size "
-        f"{dp}" + (f" x grad_accum_steps {t.grad_accum_steps}" if t.grad_accum_steps > 1 else ""))
-  if t.eval_batch_size % dp:
-    raise ValueError(f"config.training.eval_batch_size={t.eval_batch_size} is not divisible by the "
-                     f"data-parallel size {dp}")
+  _check_batch_sizes(config, mesh)
+  cleanup = _Cleanup()
+  with _Preemption(stop_requested) as preemption:
+    try:
+      summary = _train(config, workdir, mesh=mesh, hooks=tuple(hooks), get_model=get_model,
+                       preemption=preemption, cleanup=cleanup, t_start=t_start)
+    except BaseException:
+      cleanup.run(failing=True)
+      raise
+    cleanup.run(failing=False)
+  return summary
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh,
+           hooks: tuple, get_model: Optional[Callable[..., Any]], preemption: _Preemption,
+           cleanup: _Cleanup, t_start: float) -> dict[str, Any]:
+  """The body of :func:`train_and_evaluate`; every resource it opens is closed by ``cleanup``."""
+  t = config.training
   data = _make_datasets_module()
   batch_sharding = NamedSharding(mesh, P("data"))
   block, num_blocks = _process_block(batch_sharding, int(t.batch_size))
@@ -552,223 +706,156 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  batch_size=int(t.batch_size), seed=int(config.seed),
                                  process_index=block, process_count=num_blocks,
                                  **_dataset_kwargs(config))
+  cleanup.push("closing the training data", train_iter.close)
   info = train_iter.info
   # Built once (fails early, e.g. a dataset that is not prepared) and reused by every eval.
-  try:
-    eval_iter = make_eval_dataset(config, batch_sharding)
-  except BaseException:
-    train_iter.close()
-    raise
+  eval_iter = make_eval_dataset(config, batch_sharding)
+  cleanup.push("closing the eval data", eval_iter.close)
   steps_per_epoch, total_steps = training_length(config, info)
-
   funcs = build_run(config, mesh=mesh, train_info=info, total_steps=total_steps,
                     steps_per_epoch=steps_per_epoch, get_model=get_model)
   is_main = jax.process_index() == 0
+
+  # Nothing in the workdir is touched before the config, data and model are known good.
+  cleanup.push("releasing the workdir lock", _lock_workdir(workdir).release)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=int(t.keep_checkpoints), run_fingerprint=_run_fingerprint(config),
                                     run_config=config_lib.resume_config(config))
-  loop_state = {"best_eval_accuracy": None, "best_eval_loss": None, "wall_seconds": 0.0,
-                "last_eval": None}
-  latest = ckpt.latest_step()
-  try:
-    if latest is not None:
-      state, saved, start_step = ckpt.restore(funcs.abstract_state, latest)
-      try:
-        train_iter.set_state(saved["train_iterator"])
-      except ValueError as e:
-        raise checkpointing.IncompatibleCheckpointError(
-            f"{ckpt.directory} step {start_step}: the saved data-iterator state does not fit this "
-            f"run's data configuration ({e}); use another --workdir") from e
-      loop_state.update(saved.get("loop", {}))
-      _log.info("sift_jax: resumed %s at step %d", workdir, start_step)
-    else:
-      state = funcs.init(np.int32(config.seed))
-      start_step = 0
-    if int(jax.device_get(state.step)) != start_step:
-      raise checkpointing.IncompatibleCheckpointError(
-          f"{ckpt.directory}: checkpoint directory step {start_step} holds state.step "
-          f"{int(jax.device_get(state.step))}")
-  except BaseException:
-    train_iter.close()
-    eval_iter.close()
-    ckpt.close()
-    raise
+  cleanup.push("closing the checkpointer", ckpt.close)
+  guard = checkpointing.VerifiedCheckpointer(ckpt)
+  state, start_step, loop_state, resumed = _restore_or_init(ckpt, funcs, config, train_iter, workdir)
+  last_eval: Optional[dict] = None
+  saved_eval = loop_state.get("last_eval")
+  if resumed and isinstance(saved_eval, Mapping) and saved_eval.get("step") == start_step:
+    # The eval at the restored step was finite: its checkpoint is good. For a run that
+    # had completed it is the final eval, not repeated (nor its record duplicated).
+    ckpt.mark_verified(start_step)
+    last_eval = {k: v for k, v in saved_eval.items() if k != "step"}
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
-  spectral_records: list[dict[str, Any]] = []
-  spectral_every = int(t.spectral_every_steps)  # validated >= 0 with the config
-  if spectral_every and optimizers.is_sparse_run(config):
-    spectral_hook = functools.partial(_spectral_hook, every=spectral_every, writer=writer,
-                                      records=spectral_records, is_main=is_main)
-    hooks = tuple(hooks) + (spectral_hook,)
-    if start_step == 0:
-      spectral_hook(0, state)  # the initial masks: where every trajectory starts
-    elif is_main and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      # A resumed run's trajectory continues the points logged before (the
-      # writer has already dropped those past the resumed step).
-      spectral_records.extend(metrics_lib.read_metrics(workdir, split="spectral"))
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
+                                     resume_step=start_step if resumed else -1)
+  cleanup.push("closing the metrics files", writer.close)
+  window = metrics_lib.TrainWindow.from_state(loop_state.get("train_window"))
+  spectral = None
+  if int(t.spectral_every_steps) and optimizers.is_sparse_run(config):
+    # A resumed run's trajectory continues the points logged before (the writer has
+    # already dropped those past the resumed step).
+    earlier = (metrics_lib.read_metrics(workdir, split="spectral")
+               if resumed and is_main else ())
+    spectral = _SpectralLog(int(t.spectral_every_steps), writer, is_main=is_main, earlier=earlier)
+    if not resumed:
+      spectral.maybe_log(0, state)  # the initial masks: where every trajectory starts
   progress = None
   if t.progress_bar and is_main:
     import tqdm  # pylint: disable=import-outside-toplevel
     progress = tqdm.tqdm(total=total_steps, initial=start_step, desc=os.path.basename(workdir),
                          dynamic_ncols=True, leave=False)
-  pending: list[tuple[int, dict]] = []
-  last_saved = latest
-  last_eval: Optional[dict] = None
-  saved_eval = loop_state.get("last_eval")
-  if isinstance(saved_eval, Mapping) and saved_eval.get("step") == start_step:
-    # The final eval of a run that had completed: not repeated (nor its record duplicated).
-    last_eval = {k: v for k, v in saved_eval.items() if k != "step"}
-  preempted = False
-  window_start = time.time()
+    cleanup.push("closing the progress bar", progress.close)
+
   wall_before = float(loop_state["wall_seconds"])
-  multi_process = jax.process_count() > 1
+  wall = lambda: wall_before + (time.time() - t_start)  # noqa: E731
+  save = functools.partial(_save, guard=guard, train_iter=train_iter, loop_state=loop_state,
+                           window=window, writer=writer)
   # Losses are checked on the host at least this often (one sync per interval).
   check_every = int(t.log_every_steps) or 100
-
-  checked = [0]  # pending[:checked[0]] have finite losses
-
-  def non_finite(bad_step: int, what: str) -> NonFiniteLossError:
-    """Deletes the checkpoints holding the bad state; the error naming the last good one."""
-    ckpt.discard_from(bad_step)
-    if bad_step > 0:
-      ckpt.mark_verified(bad_step - 1)
-    good = ckpt.last_verified_step()
-    where = (f"the last good checkpoint (its own loss finite) in {ckpt.directory} is step {good}; "
-             f"resuming this workdir continues from it" if good is not None else
-             f"there is no good checkpoint in {ckpt.directory}; the run would start over")
-    return NonFiniteLossError(
-        f"non-finite {what} at step {bad_step}; stopped. Checkpoints of steps >= {bad_step} hold "
-        f"that state and were deleted; {where}. Lower optimizer.learning_rate or enable "
-        f"optimizer.grad_clip_norm in another --workdir", step=bad_step, last_checkpoint=good)
-
-  def check_finite() -> None:
-    """Raises NonFiniteLossError for the first non-finite loss not yet checked."""
-    fresh = pending[checked[0]:]
-    if not fresh:
-      return
-    losses = jax.device_get([m["loss"] for _, m in fresh])
-    for (s, _), loss in zip(fresh, losses):
-      if not math.isfinite(float(loss)):
-        raise non_finite(s, f"training loss {float(loss)}")
-    checked[0] = len(pending)
-    ckpt.mark_verified(fresh[-1][0])
-
-  def flush(step: int) -> None:
-    """Writes the averaged train metrics since the last flush (after checking the loss)."""
-    nonlocal window_start
-    if not pending:
-      return
-    check_finite()
-    values = jax.device_get([m for _, m in pending])
-    mean = {k: float(np.mean([v[k] for v in values])) for k in values[-1]}
-    elapsed = time.time() - window_start
-    mean["steps_per_second"] = len(values) / max(elapsed, 1e-9)
-    writer.write(step, "train", mean)
+  last_saved = start_step if resumed else None
+  step = start_step
+  # A SIGTERM during setup: stop before the first step (the state is the checkpoint's or
+  # the initial one, so there is nothing new to save).
+  preempted = step < total_steps and (
+      _any_process(preemption.requested) if jax.process_count() > 1 else preemption.requested)
+  while not preempted and step < total_steps:
+    batch = _global_batch(next(train_iter), funcs, int(t.batch_size))
+    state, metrics = funcs.train_step(state, batch)
+    window.add(step, metrics)
+    guard.record(step, metrics["loss"])
+    step += 1
+    for hook in hooks:
+      hook(step, state)
+    if spectral is not None:
+      spectral.maybe_log(step, state)
     if progress is not None:
-      progress.set_postfix(loss=f"{mean['loss']:.4f}", acc=f"{mean['accuracy']:.3f}", refresh=False)
-    pending.clear()
-    checked[0] = 0
-    window_start = time.time()
+      progress.update(1)
+    if _every(step, t.log_every_steps):
+      _log_train(step, window, guard, writer, progress)
+    elif _every(step, check_every):
+      guard.check()
+    if step == total_steps:
+      break  # the final record, eval and checkpoint follow
+    if _every(step, t.eval_every_steps):
+      last_eval = _evaluate_and_log(step, funcs, state, config, eval_iter, guard, writer, loop_state)
+    stop = _stop_requested(step, preemption, ckpt, check_every)
+    if _every(step, t.checkpoint_every_steps) or stop:
+      save(step, state, wall_seconds=wall())
+      last_saved = step
+    preempted = stop
 
-  def do_eval(step: int) -> dict:
-    check_finite()  # no eval of a run already known to have diverged
-    result = evaluate(funcs, state, config, dataset=eval_iter)
-    if not math.isfinite(result["loss"]):
-      raise non_finite(step, f"eval loss {result['loss']}")
-    ckpt.mark_verified(step)
-    writer.write(step, "eval", result)
-    best = loop_state["best_eval_accuracy"]
-    loop_state["best_eval_accuracy"] = result["accuracy"] if best is None else max(best, result["accuracy"])
-    best_loss = loop_state["best_eval_loss"]
-    loop_state["best_eval_loss"] = result["loss"] if best_loss is None else min(best_loss, result["loss"])
-    loop_state["last_eval"] = {"step": int(step), **result}
-    return result
-
-  def save(step: int) -> None:
-    nonlocal last_saved
-    check_finite()  # every earlier checkpoint is verified before a new one is written
-    loop_state["wall_seconds"] = wall_before + (time.time() - t_start)
-    ckpt.save(step, state, {"train_iterator": train_iter.get_state(), "loop": dict(loop_state)})
-    last_saved = step
-
-  try:
-    with _Preemption() as preemption:
-      step = start_step
-      while step < total_steps:
-        local = next(train_iter)
-        batch = _global_batch(local, funcs, int(t.batch_size))
-        state, metrics = funcs.train_step(state, batch)
-        pending.append((step, metrics))
-        step += 1
-        for hook in hooks:
-          hook(step, state)
-        if progress is not None:
-          progress.update(1)
-        boundary = lambda every: every > 0 and step % every == 0  # noqa: E731
-        if multi_process:
-          # Every process must stop at the same step: the JAX preemption service
-          # (TPU pods) syncs each step; a local SIGTERM is shared at log steps.
-          stop = ckpt.reached_preemption(step)
-          if not stop and boundary(check_every):
-            stop = _any_process(preemption.requested)
-        else:
-          stop = preemption.requested
-        if boundary(t.log_every_steps) or stop:
-          flush(step)
-        elif boundary(check_every):
-          check_finite()
-        if boundary(t.eval_every_steps) and step < total_steps:
-          last_eval = do_eval(step)
-        if (boundary(t.checkpoint_every_steps) and step < total_steps) or stop:
-          save(step)
-        if stop and step < total_steps:
-          preempted = True
-          break
-      if not preempted:
-        flush(step)
-        # do_eval records its step in loop_state, so does a restored finished run.
-        if (loop_state.get("last_eval") or {}).get("step") != step:
-          last_eval = do_eval(step)
-        if last_saved != step:
-          save(step)
-  except BaseException:
-    writer.close()
-    raise
-  finally:
-    train_iter.close()
-    eval_iter.close()
-    ckpt.close()
-    writer.flush()
-    if progress is not None:
-      progress.close()
-
-  if spectral_records and is_main:
-    spectral_lib.trajectory_plot({os.path.basename(os.path.normpath(workdir)): spectral_records},
-                                 os.path.join(workdir, "spectral_trajectory.png"))
-  wall = wall_before + (time.time() - t_start)
-  summary: dict[str, Any] = {"steps": int(step), "total_steps": total_steps, "preempted": preempted,
-                             "wall_seconds": wall, "workdir": workdir}
   if not preempted:
-    summary["final_eval_loss"] = last_eval["loss"]
-    summary["best_eval_loss"] = loop_state["best_eval_loss"]
-    if info.task == "lm":
-      summary["final_eval_perplexity"] = last_eval["perplexity"]
-      summary["best_eval_perplexity"] = math.exp(min(loop_state["best_eval_loss"], 700.0))
-    # Top-1 accuracy; per token for language models.
-    summary["final_eval_accuracy"] = last_eval["accuracy"]
-    summary["best_eval_accuracy"] = loop_state["best_eval_accuracy"]
-    summary.update(_flops_report(funcs, state, config))
-    summary["config"] = config.to_dict()
-    if is_main:
-      tmp = os.path.join(workdir, "summary.json.tmp")
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, sort_keys=True, default=_json_default)
-      os.replace(tmp, os.path.join(workdir, "summary.json"))
-    writer.write(step, "summary", {k: v for k, v in summary.items()
-                                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
-  writer.close()
+    _log_train(step, window, guard, writer, progress)  # the steps since the last log step
+    # _evaluate_and_log records its step in loop_state, so does a restored finished run.
+    if (loop_state.get("last_eval") or {}).get("step") != step:
+      last_eval = _evaluate_and_log(step, funcs, state, config, eval_iter, guard, writer, loop_state)
+    if last_saved != step:
+      save(step, state, wall_seconds=wall())
+      last_saved = step
+  ckpt.wait()  # a failed write (a full disk) is an error of this run, before any summary
+
+  summary: dict[str, Any] = {"steps": int(step), "total_steps": total_steps, "preempted": preempted,
+                             "wall_seconds": wall(), "workdir": workdir}
+  if preempted:
+    summary["checkpoint_step"] = last_saved
+    return summary
+  if spectral is not None:
+    spectral.plot(workdir)
+  summary.update(_final_results(funcs, state, config, info, last_eval, loop_state))
+  if is_main:
+    tmp = os.path.join(workdir, "summary.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, os.path.join(workdir, "summary.json"))
+  writer.write(step, "summary", {k: v for k, v in summary.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
   return summary
+
+
+def _restore_or_init(ckpt: checkpointing.Checkpointer, funcs: RunFunctions,
+                     config: ml_collections.ConfigDict, train_iter: Any,
+                     workdir: str) -> tuple[Any, int, dict[str, Any], bool]:
+  """``(state, start_step, loop_state, resumed)`` from the newest intact checkpoint, else a fresh init."""
+  loop_state: dict[str, Any] = {"best_eval_accuracy": None, "best_eval_loss": None,
+                                "wall_seconds": 0.0, "last_eval": None, "train_window": None}
+  restored = ckpt.restore_newest(funcs.abstract_state, agree=_any_process_agrees)
+  if restored is None:
+    return funcs.init(np.int32(config.seed)), 0, loop_state, False
+  state, saved, start_step = restored
+  try:
+    train_iter.set_state(saved["train_iterator"])
+  except ValueError as e:
+    raise checkpointing.IncompatibleCheckpointError(
+        f"{ckpt.directory} step {start_step}: the saved data-iterator state does not fit this "
+        f"run's data configuration ({e}); use another --workdir") from e
+  loop_state.update(saved.get("loop", {}))
+  if int(jax.device_get(state.step)) != start_step:
+    raise checkpointing.IncompatibleCheckpointError(
+        f"{ckpt.directory}: checkpoint directory step {start_step} holds state.step "
+        f"{int(jax.device_get(state.step))}")
+  _log.info("sift_jax: resumed %s at step %d", workdir, start_step)
+  return state, start_step, loop_state, True
+
+
+def _final_results(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict, info: Any,
+                   last_eval: Mapping[str, Any], loop_state: Mapping[str, Any]) -> dict[str, Any]:
+  """The summary's eval results, FLOP accounting and config of a completed run."""
+  out: dict[str, Any] = {"final_eval_loss": last_eval["loss"], "best_eval_loss": loop_state["best_eval_loss"]}
+  if info.task == "lm":
+    out["final_eval_perplexity"] = last_eval["perplexity"]
+    out["best_eval_perplexity"] = math.exp(min(loop_state["best_eval_loss"], 700.0))
+  # Top-1 accuracy; per token for language models.
+  out["final_eval_accuracy"] = last_eval["accuracy"]
+  out["best_eval_accuracy"] = loop_state["best_eval_accuracy"]
+  out.update(_flops_report(funcs, state, config))
+  out["config"] = config.to_dict()
+  return out
 
 
 def _json_default(value: Any) -> Any:
@@ -783,3 +870,8 @@ def _any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
   return bool(np.any(flags))
+
+
+def _any_process_agrees(flag: bool) -> bool:
+  """``flag`` of any process (the flag itself in a single-process run)."""
+  return _any_process(flag) if jax.process_count() > 1 else bool(flag)

@@ -1,15 +1,77 @@
-"""Metrics output: ``metrics.jsonl`` and TensorBoard event files."""
+"""Metrics output: ``metrics.jsonl`` and TensorBoard event files, and the train-metric window.
+
+What a run logs is a function of its checkpointed state, so a run resumed after
+any interruption writes the same records as an uninterrupted one: the train
+record of step ``s`` averages the per-step metrics since the previous log step
+(:class:`TrainWindow`, whose unlogged part is saved with every checkpoint), and
+a resumed run first drops what its predecessor wrote after the checkpoint it
+resumes from. The wall-clock fields (``steps_per_second``, ``wall_seconds``)
+are the only values that differ.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from typing import Any, Mapping, Optional
 
+import jax
 import numpy as np
 
-__all__ = ["MetricsWriter", "read_metrics"]
+__all__ = ["MetricsWriter", "TrainWindow", "read_metrics", "TIMING_KEYS"]
+
+# Record fields measured by the wall clock: the only ones a resumed run cannot reproduce.
+TIMING_KEYS = ("steps_per_second", "wall_seconds")
+
+
+class TrainWindow:
+  """The per-step train metrics since the last log step, averaged into one record.
+
+  The metrics stay on device until :meth:`mean` (one host sync per log
+  interval). :meth:`state` / :meth:`from_state` carry the window through a
+  checkpoint as JSON (exact: each value with its dtype), so a resumed run's
+  next record averages the same steps as an uninterrupted run's.
+  """
+
+  def __init__(self, steps: Optional[list] = None, metrics: Optional[list] = None):
+    self._steps: list[int] = list(steps or [])
+    self._metrics: list[Mapping[str, Any]] = list(metrics or [])
+    self._restored = len(self._steps)
+    self._started = time.time()
+
+  def __len__(self) -> int:
+    return len(self._steps)
+
+  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    self._steps.append(int(step))
+    self._metrics.append(metrics)
+
+  def mean(self) -> dict[str, float]:
+    """The window's mean of each metric, plus ``steps_per_second``; empties the window."""
+    values = jax.device_get(self._metrics)
+    out = {k: float(np.mean([v[k] for v in values])) for k in values[-1]}
+    ran_here = len(values) - self._restored
+    out["steps_per_second"] = ran_here / max(time.time() - self._started, 1e-9)
+    self._steps, self._metrics, self._restored = [], [], 0
+    self._started = time.time()
+    return out
+
+  def state(self) -> dict[str, Any]:
+    """JSON-able contents (fetches them from the device)."""
+    values = jax.device_get(self._metrics)
+    return {"steps": list(self._steps),
+            "metrics": [{k: [np.asarray(x).tolist(), str(np.asarray(x).dtype)] for k, x in v.items()}
+                        for v in values]}
+
+  @classmethod
+  def from_state(cls, state: Optional[Mapping[str, Any]]) -> "TrainWindow":
+    if not state:
+      return cls()
+    metrics = [{k: np.asarray(value, dtype=dtype) for k, (value, dtype) in m.items()}
+               for m in state["metrics"]]
+    return cls(steps=state["steps"], metrics=metrics)
 
 
 def _to_python(value: Any) -> Any:
@@ -28,18 +90,22 @@ class MetricsWriter:
   Each record is ``{"step": int, "split": "train"|"eval"|..., **scalars}``.
   Only the writing process (process 0 in a multi-host run) touches the files.
 
-  A run resumed at step ``k`` (``resume_step=k``; 0 for a run that starts from
-  scratch) first drops what the interrupted run wrote after its checkpoint:
-  the records with ``step > k`` and the ``summary`` record of step ``k`` (the
-  resumed run writes them again), and lines a crash left unparsable. The file
-  is rewritten atomically (a temporary file renamed over it) and then
-  appended to; TensorBoard hides the events after ``k`` (``purge_step``).
+  A run resumed at step ``k`` (``resume_step=k``) first drops what the
+  interrupted run wrote after its checkpoint: the records with ``step > k``
+  and the ``summary`` record of step ``k`` (the resumed run writes them
+  again), and lines a crash left unparsable; a run that starts from scratch
+  (``resume_step=-1``: no checkpoint) drops every record. The file is
+  rewritten atomically (a temporary file renamed over it) and then appended
+  to; TensorBoard hides the events after ``k`` (``purge_step``; all of them
+  for ``k = -1``). The loop calls :meth:`flush` before each checkpoint so that
+  no record of a checkpointed step is lost to a crash.
 
   Args:
     workdir: Run directory.
     enabled: False for non-writing processes (every method becomes a no-op).
     tensorboard: Also write TensorBoard event files under ``DIR/tensorboard``.
-    resume_step: The step the run continues from (None: keep every record).
+    resume_step: The step the run continues from (-1: from scratch; None:
+      keep every record).
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
@@ -58,6 +124,7 @@ class MetricsWriter:
         import tensorboardX  # pylint: disable=import-outside-toplevel
         tb_dir = os.path.join(workdir, "tensorboard")
         purge = int(resume_step) + 1 if resume_step is not None and os.path.isdir(tb_dir) else None
+        # TensorBoard hides the events of steps >= purge_step that older files hold.
         self._tb = tensorboardX.SummaryWriter(tb_dir, purge_step=purge)
 
   def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
@@ -73,6 +140,9 @@ class MetricsWriter:
           self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
   def flush(self) -> None:
+    """Hands every record to the OS (they then survive a killed process)."""
+    if self._file is not None:
+      self._file.flush()
     if self._tb is not None:
       self._tb.flush()
 
@@ -100,7 +170,7 @@ def _truncate(path: str, step: int) -> int:
       record_step = int(record["step"])
     except (ValueError, KeyError, TypeError):
       continue  # a line cut short by a crash
-    if record_step < step or (record_step == step and record.get("split") != "summary"):
+    if record_step < step or (record_step == step >= 0 and record.get("split") != "summary"):
       kept.append(line if line.endswith("\n") else line + "\n")
   dropped = len(lines) - len(kept)
   if dropped:

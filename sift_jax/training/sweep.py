@@ -284,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = runs_from_module(module, [n for n in args.only.split(",") if n])
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     records = run_sweep(base, runs, seeds=seeds, workdir=args.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, loop.workdir_lib.WorkdirLockedError) as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1
   rows = aggregate(records)
