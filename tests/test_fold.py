@@ -25,21 +25,35 @@ def _rel_err(got, want):
 
 
 def _trained_like(variables, seed=0):
-  """Random variables with non-trivial norms and running statistics (not the init's 1/0)."""
+  """Random variables of the given (abstract) shapes, with non-trivial norms and statistics.
+
+  Drawn with numpy: no compiled init, which costs far more than these tests on a busy CPU.
+  """
+  rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
   out = []
-  for (path, leaf), key in zip(leaves, keys):
-    name = str(path[-1].key)
+  for path, leaf in leaves:
+    name, shape = str(path[-1].key), tuple(np.shape(leaf))
     if name == "var":
-      out.append(jax.random.uniform(key, leaf.shape, minval=0.5, maxval=2.0))
+      value = rng.uniform(0.5, 2.0, shape)
     elif name in ("mean", "bias"):
-      out.append(0.3 * jax.random.normal(key, leaf.shape))
+      value = 0.3 * rng.standard_normal(shape)
     elif name == "scale":
-      out.append(jax.random.uniform(key, leaf.shape, minval=0.5, maxval=1.5))
-    else:
-      out.append(leaf)
+      value = rng.uniform(0.5, 1.5, shape)
+    else:  # kernels, embeddings
+      fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+      value = rng.standard_normal(shape) / np.sqrt(fan_in)
+    out.append(jnp.asarray(value, jnp.float32))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _init(model, x, **kw):
+  return jax.eval_shape(lambda k: model.init(k, x, **kw), jax.random.key(0))
+
+
+def _shapes(tree):
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {sift_jax.path_str(kp): tuple(np.shape(leaf)) for kp, leaf in flat}
 
 
 def _n_params(tree):
@@ -103,15 +117,14 @@ def _inputs(arch, shape):
 def test_folded_outputs_equal_the_members(arch, member):
   model, shape = ARCHS[arch](MEMBERS[member])
   x = _inputs(arch, shape)
-  variables = _trained_like(model.init(jax.random.key(0), x, train=False))
+  variables = _trained_like(_init(model, x, train=False))
   want = model.apply(variables, x, train=False)
   dense_model, dense_vars = fold(model, variables, example_input=x)
   dense_ref = model.clone(sift=FamilyConfig(norm=model.sift.norm,
                                             factorized_mid=model.sift.factorized_mid))
   assert dense_model == dense_ref
-  ref_vars = jax.eval_shape(dense_ref.init, jax.random.key(0), x, train=False)
-  assert jax.tree.structure(ref_vars) == jax.tree.structure(jax.tree.map(np.shape, dense_vars))
-  assert jax.tree.map(np.shape, dense_vars) == jax.tree.map(lambda a: a.shape, ref_vars)
+  ref_vars = jax.eval_shape(lambda k: dense_ref.init(k, x, train=False), jax.random.key(0))
+  assert _shapes(dense_vars) == _shapes(ref_vars)
   got = dense_model.apply(dense_vars, x, train=False)
   assert _rel_err(got, want) <= RTOL
 
@@ -121,7 +134,7 @@ def test_folded_outputs_equal_the_members(arch, member):
 def test_layernorm_members_do_not_fold(arch, member):
   model, shape = ARCHS[arch](MEMBERS[member])
   x = _inputs(arch, shape)
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = _trained_like(_init(model, x, train=False))
   with pytest.raises(FoldError, match=r"LayerNorm.*not linear.*compress"):
     fold(model, variables, example_input=x)
 
@@ -134,7 +147,7 @@ def cnn_spec():
 
 def test_registry_model_folds_into_its_dense_model_with_equal_parameter_count(cnn_spec):
   spec = cnn_spec
-  variables = _trained_like(spec.init(jax.random.key(0)))
+  variables = _trained_like(spec.abstract_variables())
   masks = sift_jax.init_masks(jax.random.key(3), variables["params"],
                               spec.layer_densities(variables["params"]))
   masked = dict(variables, params=sift_jax.apply_masks(variables["params"], masks))
@@ -142,7 +155,7 @@ def test_registry_model_folds_into_its_dense_model_with_equal_parameter_count(cn
   want = spec.module.apply(masked, x, train=False)
   dense_model, dense_vars = fold(spec, variables, masks)  # masks applied by fold
   assert dense_model is spec.base_module
-  dense_ref = spec.base_module.init(jax.random.key(0), x, train=False)
+  dense_ref = _init(spec.base_module, x, train=False)
   assert _n_params(dense_vars["params"]) == _n_params(dense_ref["params"])
   assert _rel_err(dense_model.apply(dense_vars, x, train=False), want) <= RTOL
   # masks=None reads the zeros already in the (masked) weights: the same result.
@@ -168,12 +181,11 @@ def test_transformed_user_model_folds_back_to_the_user_model(family, kw):
   user = _UserNet()
   model = sift_jax.transform(user, family=family, sparsity=0.6, layers=("conv", "mix", "hidden"), **kw)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  variables = _trained_like(model.init(jax.random.key(0), x))
+  variables = _trained_like(_init(model, x))
   dense_model, dense_vars = fold(model, variables, example_input=x)
   assert dense_model == user
   assert _rel_err(user.apply(dense_vars, x), model.apply(variables, x)) <= RTOL
-  assert jax.tree.map(np.shape, dense_vars) == jax.tree.map(
-      lambda a: a.shape, jax.eval_shape(user.init, jax.random.key(0), x))
+  assert _shapes(dense_vars) == _shapes(jax.eval_shape(user.init, jax.random.key(0), x))
   # Without example_input the same variables come out (the biases are the layers' own).
   _, again = fold(model, variables)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), dense_vars, again))
@@ -183,7 +195,7 @@ def test_member_layer_with_biased_template_and_branch_batchnorms_folds():
   layer = sift_jax.SparseParallel(nn.Conv(5, (3, 3), strides=2, padding="SAME"), num_branches=3,
                                   branch_norm="batch", use_running_average=True)
   x = jax.random.normal(jax.random.key(1), (2, 9, 7, 3))
-  variables = _trained_like(layer.init(jax.random.key(0), x))
+  variables = _trained_like(_init(layer, x))
   template, dense_vars = fold(layer, variables)
   assert isinstance(template, nn.Conv) and template.strides == 2
   assert _rel_err(template.apply(dense_vars, x), layer.apply(variables, x)) <= RTOL
@@ -193,25 +205,25 @@ def test_sparse_wide_and_nonlinear_members_say_why_and_point_to_compress():
   cfg = FamilyConfig(family="sparse_wide", sparsity=0.5)
   model, shape = _cnn(cfg)
   x = jnp.zeros(shape)
-  variables = model.init(jax.random.key(0), x)
+  variables = _trained_like(_init(model, x))
   with pytest.raises(FoldError, match=r"Sparse Wide cannot fold.*wider network.*compress"):
     fold(model, variables, example_input=x)
   model, _ = _cnn(FamilyConfig(family="sparse_factorized", sparsity=0.5, factorized_mid="norm_relu"))
-  variables = model.init(jax.random.key(0), x)
+  variables = _trained_like(_init(model, x))
   with pytest.raises(FoldError, match=r"conv_0.*ReLU between U and V.*compress"):
     fold(model, variables, example_input=x)
   model, _ = _resnet_bottleneck_imagenet(FamilyConfig(family="sparse_parallel", sparsity=0.5,
                                                       parallel_norm=True,
                                                       parallel_activation=nn.relu))
   x = jnp.zeros((1, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x)
+  variables = _trained_like(_init(model, x))
   with pytest.raises(FoldError, match=r"layer1_0/conv1.*nonlinearity.*compress"):
     fold(model, variables, example_input=x)
 
 
 def test_bad_input_raises_naming_the_problem(cnn_spec):
   spec = cnn_spec
-  variables = spec.init(jax.random.key(0))
+  variables = _trained_like(spec.abstract_variables())
   masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), variables["params"])
   masks["conv_1"]["S"].pop("kernel")
   with pytest.raises(ValueError, match=r"masks.*missing.*conv_1/S/kernel"):
@@ -227,7 +239,7 @@ def test_bad_input_raises_naming_the_problem(cnn_spec):
   # Train mode: the BatchNorm statistics are missing.
   model, shape = _cnn(MEMBERS["parallel_bn"])
   x = jnp.zeros(shape)
-  params = model.init(jax.random.key(0), x)["params"]
+  params = _trained_like(_init(model, x))["params"]
   with pytest.raises(ValueError, match=r"conv_0/branch_0_norm.*running statistics.*inference mode"):
     fold(model, {"params": params}, example_input=x)
   layer = sift_jax.SparseParallel(nn.Dense(4), num_branches=2, branch_norm="batch",
