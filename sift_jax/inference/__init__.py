@@ -12,4 +12,7 @@
 
 from sift_jax.inference.fold import FOLDABLE_FAMILIES, FoldError, dense_counterpart, fold, member_config
 
-__all__ = ["FOLDABLE_FAMILIES", "FoldError", "dense_counterpart", "fold", "member_config"]
+from sift_jax.inference.compress import FORMATS, CompressedModel, compress, variable_bytes
+
+__all__ = ["FORMATS", "CompressedModel", "FOLDABLE_FAMILIES", "FoldError", "compress", "dense_counterpart", "fold",
+           "member_config", "variable_bytes"]
