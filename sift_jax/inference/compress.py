@@ -81,8 +81,7 @@ def _pack_ell(matrix: np.ndarray) -> dict[str, np.ndarray]:
     rows = np.flatnonzero(nonzero[:, j])
     indices[j, :rows.size] = rows
     values[j, :rows.size] = matrix[rows, j]
-  return {"ell_indices": indices, "ell_values": values,
-          "ell_rows": np.zeros((matrix.shape[0], 0), np.float32)}  # carries D_in in its shape
+  return {"ell_indices": indices, "ell_values": values}
 
 
 def _matmul_ell(x: jax.Array, stored: Mapping[str, jax.Array]) -> jax.Array:
@@ -96,12 +95,12 @@ def _pack_bcoo(matrix: np.ndarray) -> dict[str, np.ndarray]:
   rows, cols = np.nonzero(matrix)
   return {"bcoo_data": matrix[rows, cols].astype(np.float32),
           "bcoo_indices": np.stack([rows, cols], axis=1).astype(np.int32),
-          "bcoo_shape": np.zeros(matrix.shape[:1] + (0,), np.float32),
-          "bcoo_cols": np.zeros((0, matrix.shape[1]), np.float32)}
+          # D_out as a shape (the values' count does not say it); one byte per output.
+          "bcoo_columns": np.zeros((matrix.shape[1],), np.int8)}
 
 
 def _matmul_bcoo(x: jax.Array, stored: Mapping[str, jax.Array]) -> jax.Array:
-  shape = (stored["bcoo_shape"].shape[0], stored["bcoo_cols"].shape[1])
+  shape = (x.shape[1], stored["bcoo_columns"].shape[0])
   w = jsparse.BCOO((stored["bcoo_data"].astype(x.dtype), stored["bcoo_indices"]), shape=shape,
                    indices_sorted=True, unique_indices=True)
   return (w.T @ x.T).T
@@ -112,17 +111,15 @@ class _Format:
   pack: Callable[[np.ndarray], dict[str, np.ndarray]]
   matmul: Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
   keys: tuple[str, ...]
-  d_in: Callable[[Mapping[str, Any]], int]
   d_out: Callable[[Mapping[str, Any]], int]
 
 
 #: Sparse kernel formats: ``name -> pack / matmul``.
 FORMATS: dict[str, _Format] = {
-    "ell": _Format(_pack_ell, _matmul_ell, ("ell_indices", "ell_values", "ell_rows"),
-                   lambda s: s["ell_rows"].shape[0], lambda s: s["ell_indices"].shape[0]),
-    "bcoo": _Format(_pack_bcoo, _matmul_bcoo, ("bcoo_data", "bcoo_indices", "bcoo_shape",
-                                               "bcoo_cols"),
-                    lambda s: s["bcoo_shape"].shape[0], lambda s: s["bcoo_cols"].shape[1]),
+    "ell": _Format(_pack_ell, _matmul_ell, ("ell_indices", "ell_values"),
+                   lambda s: s["ell_indices"].shape[0]),
+    "bcoo": _Format(_pack_bcoo, _matmul_bcoo, ("bcoo_data", "bcoo_indices", "bcoo_columns"),
+                    lambda s: s["bcoo_columns"].shape[0]),
 }
 
 
@@ -176,7 +173,8 @@ def _sparse_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Arra
     rest = [a for a in range(x.ndim) if a not in axes]
     moved = jnp.transpose(x, rest + axes)
     lead = moved.shape[:len(rest)]
-    y = fmt.matmul(moved.reshape(-1, fmt.d_in(stored)), stored)
+    d_in = int(math.prod(x.shape[a] for a in axes))
+    y = fmt.matmul(moved.reshape(-1, d_in), stored)
     feats = _as_tuple(module.features)
     feats = feats[:-1] + (d_out // int(math.prod(feats[:-1])),)
     y = y.reshape(lead + feats)

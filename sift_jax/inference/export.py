@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sift_jax.inference import compress as compress_lib
-from sift_jax.inference import fold as fold_lib
+from sift_jax.inference.compress import FORMATS, compress, variable_bytes
+from sift_jax.inference.fold import FoldError, fold
 
 __all__ = ["export_run", "export_model", "load_run", "ExportResult", "MODES", "main"]
 
@@ -75,17 +75,17 @@ def _inference_model(spec: Any, variables: Any, masks: Any, mode: str, fmt: str
     raise ValueError(f"export: unknown mode {mode!r}; expected one of {MODES}")
   why = ""
   if spec.family == "dense" and mode != "compress":
-    module, out = fold_lib.fold(spec, variables, masks)
+    module, out = fold(spec, variables, masks)
     return "dense", lambda v, x: module.apply(v, x, train=False), out, why
   if mode in ("auto", "fold"):
     try:
-      module, out = fold_lib.fold(spec, variables, masks)
+      module, out = fold(spec, variables, masks)
       return "fold", lambda v, x: module.apply(v, x, train=False), out, why
-    except fold_lib.FoldError as e:
+    except FoldError as e:
       if mode == "fold":
         raise
       why = str(e)
-  small = compress_lib.compress(spec, variables, masks, format=fmt)
+  small = compress(spec, variables, masks, format=fmt)
   return "compress", small.apply, small.variables, why
 
 
@@ -136,7 +136,7 @@ def export_model(spec: Any, variables: Any, out_dir: str, *, masks: Any = None, 
       "input_shape": ["batch"] + list(spec.input_shape), "input_dtype": str(np.dtype(spec.input_dtype)),
       "output": [str(a) for a in exported.out_avals],
       "parameters": int(sum(np.size(l) for l in jax.tree.leaves(inference_vars.get("params", {})))),
-      "bytes": compress_lib.variable_bytes(inference_vars),
+      "bytes": variable_bytes(inference_vars),
       "platforms": list(exported.platforms), **(extra_info or {}),
   }
   with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
@@ -219,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--out", required=True, help="output directory (new)")
   parser.add_argument("--mode", default="auto", choices=MODES,
                       help="fold where the member folds (auto), only fold, or compress")
-  parser.add_argument("--format", default="ell", choices=tuple(compress_lib.FORMATS),
+  parser.add_argument("--format", default="ell", choices=tuple(FORMATS),
                       help="sparse format of compressed kernels")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   args = parser.parse_args(argv)
