@@ -13,7 +13,9 @@ round by round so that machine noise hits all variants alike:
   per-branch BatchNorms, Factorized with a BatchNorm mid, Doped), else
   :func:`sift_jax.compress` (ELL format: Sparse Wide, Factorized with its
   default BN+ReLU mid);
-* ``dense``: the original dense model.
+* ``dense``: the original dense model;
+* for compressed members also ``scatter``: :func:`sift_jax.compress` with
+  ``format="scatter"`` (nonzeros scattered into a dense kernel per call).
 
 Each at batch 1, 16 and 128 (jitted, median over rounds of the mean of a
 few calls). It prints the table, checks that folded outputs equal the
@@ -124,8 +126,9 @@ def bench(model_name, family, options, sparsity, rounds, rng):
     how = "fold"
     inf_fn = jax.jit(lambda v, x: dense_module.apply(v, x, train=False))
   except FoldError:
-    small = compress(module, variables, example_input=x_check)
+    small = compress(module, variables, example_input=x_check, format="ell")
     how, inf_vars, inf_fn = "compress", small.variables, jax.jit(small.apply)
+    scattered = compress(module, variables, example_input=x_check, format="scatter")
   member_fn = jax.jit(lambda v, x: module.apply(v, x, train=False))
   dense_fn = jax.jit(lambda v, x: base.apply(v, x, train=False))
   want = member_fn(variables, x_check)
@@ -135,10 +138,14 @@ def bench(model_name, family, options, sparsity, rounds, rng):
     assert n_params(inf_vars) == n_params(base_vars), (n_params(inf_vars), n_params(base_vars))
   variants = {"transformed": (member_fn, variables), "inference": (inf_fn, inf_vars),
               "dense": (dense_fn, base_vars)}
+  if how == "compress":
+    variants["scatter"] = (jax.jit(scattered.apply), scattered.variables)
+    err = max(err, float(jnp.max(jnp.abs(variants["scatter"][0](scattered.variables, x_check) - want))
+                         / jnp.max(jnp.abs(want))))
   latency = {}
   for batch in BATCHES:
     x = jnp.asarray(rng.standard_normal((batch,) + shape), jnp.float32)
-    calls = 20 if batch == 1 else (5 if batch == 16 else 2)
+    calls = 20 if batch == 1 else (4 if batch == 16 else 1)
     timers = {k: _timer(fn, v, x, calls) for k, (fn, v) in variants.items()}
     times = {k: [] for k in timers}
     for _ in range(rounds):
@@ -150,7 +157,8 @@ def bench(model_name, family, options, sparsity, rounds, rng):
       "sparsity": sparsity, "solved_sparsity": solved, "how": how, "max_rel_err": err,
       "latency_s": {str(b): v for b, v in latency.items()},
       "bytes": {"transformed": variable_bytes(variables), "inference": variable_bytes(inf_vars),
-                "dense": variable_bytes(base_vars)},
+                "dense": variable_bytes(base_vars),
+                **({"scatter": variable_bytes(scattered.variables)} if how == "compress" else {})},
       "params": {"transformed": n_params(variables), "inference": n_params(inf_vars),
                  "dense": n_params(base_vars)},
   }
@@ -163,16 +171,19 @@ def _row(r):
   cells = []
   for b in BATCHES:
     l = lat[str(b)]
-    cells.append(f"{l['transformed']*1e3:7.2f} / {l['inference']*1e3:7.2f} / {l['dense']*1e3:7.2f} "
-                 f"({l['inference']/l['dense']:.2f}x)")
+    scatter = f" [scatter {l['scatter']*1e3:.2f}, {l['scatter']/l['dense']:.2f}x]" if "scatter" in l else ""
+    cells.append(f"{l['transformed']*1e3:.2f} / {l['inference']*1e3:.2f} / {l['dense']*1e3:.2f} "
+                 f"(**{l['inference']/l['dense']:.2f}x**){scatter}")
   by = r["bytes"]
-  return (f"| {r['model']} | {name} | {r['sparsity']} | {r['how']} | " + " | ".join(cells) +
-          f" | {by['transformed']/1e3:.0f} / {by['inference']/1e3:.0f} / {by['dense']/1e3:.0f} |")
+  scatter = f" [scatter {by['scatter']/1e3:.0f}]" if "scatter" in by else ""
+  how = "fold" if r["how"] == "fold" else "compress (ELL)"
+  return (f"| {r['model']} | {name} | {r['sparsity']} | {how} | " + " | ".join(cells) +
+          f" | {by['transformed']/1e3:.0f} / {by['inference']/1e3:.0f} / {by['dense']/1e3:.0f}{scatter} |")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--sparsities", default="0.5,0.9")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",

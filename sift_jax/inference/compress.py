@@ -16,6 +16,11 @@ Formats (:data:`FORMATS`; an extension point: one table entry per format):
   nonzero count (plus padding), not the dense size.
 * ``"bcoo"``: :class:`jax.experimental.sparse.BCOO` of the 2-D kernel and its
   ``dot_general``, for comparison.
+* ``"scatter"``: the flat indices and values of the nonzeros; at inference
+  they are scattered into a dense kernel and the layer runs as it is. Storage
+  is compressed, compute is the masked dense layer's (plus the scatter): on
+  CPUs, where XLA has no fast unstructured-sparse kernel, this is the faster
+  of the two at every batch size measured (see the README).
 
 Convolutions become patch extraction (``lax.conv_general_dilated_patches``,
 with the layer's strides, padding and dilations) followed by the sparse
@@ -106,12 +111,42 @@ def _matmul_bcoo(x: jax.Array, stored: Mapping[str, jax.Array]) -> jax.Array:
   return (w.T @ x.T).T
 
 
+def _pack_scatter(kernel: np.ndarray) -> dict[str, np.ndarray]:
+  flat = kernel.reshape(-1)
+  where = np.flatnonzero(flat)
+  return {"scatter_indices": where.astype(np.int32), "scatter_values": flat[where].astype(np.float32),
+          "scatter_columns": np.zeros((kernel.shape[-1],), np.int8)}
+
+
+def _scatter_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Array],
+                   d_out: int) -> jax.Array:
+  """Scatters the nonzeros into a dense kernel and runs the layer's own computation."""
+  if isinstance(module, nn.Conv):
+    shape = tuple(_as_tuple(module.kernel_size)) + (x.shape[-1], d_out)
+    features: Any = d_out
+  elif isinstance(module, nn.DenseGeneral):
+    feats = _as_tuple(module.features)
+    features = feats[:-1] + (d_out // int(math.prod(feats[:-1])),)
+    shape = tuple(x.shape[a % x.ndim] for a in _as_tuple(module.axis)) + features
+    features = features if isinstance(module.features, (tuple, list)) else d_out
+  else:
+    shape, features = (x.shape[-1], d_out), d_out
+  kernel = jnp.zeros((int(math.prod(shape)),), x.dtype).at[stored["scatter_indices"]].set(
+      stored["scatter_values"].astype(x.dtype), unique_indices=True, indices_are_sorted=True)
+  params = {"kernel": kernel.reshape(shape)}
+  if module.use_bias:
+    params["bias"] = module.scope.get_variable("params", "bias")
+  return module.clone(parent=None, features=features).apply({"params": params}, x)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Format:
   pack: Callable[[np.ndarray], dict[str, np.ndarray]]
-  matmul: Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
+  matmul: Optional[Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]]
   keys: tuple[str, ...]
   d_out: Callable[[Mapping[str, Any]], int]
+  # Formats that store the kernel itself (not its 2-D matrix) and compute the whole layer.
+  layer: Optional[Callable[..., jax.Array]] = None
 
 
 #: Sparse kernel formats: ``name -> pack / matmul``.
@@ -120,6 +155,8 @@ FORMATS: dict[str, _Format] = {
                    lambda s: s["ell_indices"].shape[0]),
     "bcoo": _Format(_pack_bcoo, _matmul_bcoo, ("bcoo_data", "bcoo_indices", "bcoo_columns"),
                     lambda s: s["bcoo_columns"].shape[0]),
+    "scatter": _Format(_pack_scatter, None, ("scatter_indices", "scatter_values", "scatter_columns"),
+                       lambda s: s["scatter_columns"].shape[0], layer=_scatter_layer),
 }
 
 
@@ -154,6 +191,8 @@ def _sparse_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Arra
                   fmt: _Format) -> jax.Array:
   """The layer's output computed from its sparse kernel (plus its bias)."""
   d_out = fmt.d_out(stored)
+  if fmt.layer is not None:
+    return fmt.layer(module, x, stored, d_out)
   if isinstance(module, nn.Conv):
     nd = x.ndim - 2
     spatial = "DHW"[-nd:]
@@ -317,7 +356,8 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "el
     if layer is None:
       return
     node.pop("kernel")
-    node.update({k: jnp.asarray(v) for k, v in fmt.pack(dense_matrix(layer, kernel)).items()})
+    packed = fmt.pack(kernel if fmt.layer is not None else dense_matrix(layer, kernel))
+    node.update({k: jnp.asarray(v) for k, v in packed.items()})
     compressed.append(where)
 
   visit(params, ())
