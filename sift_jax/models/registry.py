@@ -1,7 +1,7 @@
 """Model registry: the paper's models as :class:`ModelSpec` for any Sparse-IFT member.
 
 ``get_model(name, family=..., sparsity=...)`` builds the Linen module, the mask
-policy of SPEC section 3 for the transformed parameters, and solves the mask
+policy of docs/method.md for the transformed parameters, and solves the mask
 sparsity that makes the sparse forward MACs equal the dense model's
 (:mod:`sift_jax.transformations.isoflop`). The training code then uses::
 
@@ -257,8 +257,11 @@ def _cnn_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Buil
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   build: Callable[[FamilyConfig, Optional[int], dict], _Built]
-  conv: bool  # convolutional: BatchNorm and BN+ReLU Factorized by default
+  conv: bool  # convolutional: BN+ReLU between Factorized's U and V by default
   kwargs: tuple[str, ...] = ()
+  # Kind of the norms inside the members (Parallel branches, Factorized mid): BatchNorm keeps
+  # Parallel foldable into one kernel at inference (RepVGG); transformers use LayerNorm.
+  norm: str = "batch"
 
 
 _MODELS: dict[str, _Entry] = {
@@ -274,14 +277,18 @@ _MODELS: dict[str, _Entry] = {
                                                 default_classes=1000), True),
     "mobilenet_v2": _Entry(_mobilenet_build, True),
     "gpt3_small": _Entry(_gpt_builder(depth=12, width=768, heads=12, context=2048, vocab=50257),
-                         False, ("context", "vocab_size")),
+                         False, ("context", "vocab_size"), "layer"),
     "gpt_mini": _Entry(_gpt_builder(depth=4, width=128, heads=4, context=128, vocab=256), False,
-                       ("context", "vocab_size")),
+                       ("context", "vocab_size"), "layer"),
     "gpt_tiny": _Entry(_gpt_builder(depth=2, width=64, heads=4, context=64, vocab=256), False,
-                       ("context", "vocab_size")),
+                       ("context", "vocab_size"), "layer"),
     "mlp_mnist1d": _Entry(_mlp_build, False, ("hidden",)),
     "cnn_mnist1d": _Entry(_cnn_build, True, ("channels", "strides", "stem_width")),
 }
+
+
+# Keywords every model accepts (see get_model).
+_MEMBER_KWARGS = ("factorized_mid", "parallel_norm")
 
 
 def list_models() -> tuple[str, ...]:
@@ -304,7 +311,11 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
     num_classes: Classifier outputs (default: the dataset's; not for GPT).
     **kw: ``factorized_mid`` (``"linear"``, ``"norm"``, ``"norm_relu"``;
       default ``"norm_relu"`` for convolutional models as in the reference
-      CIFAR configuration, ``"linear"`` otherwise) and model-specific options:
+      CIFAR configuration, ``"linear"`` otherwise), ``parallel_norm``
+      (default True: every Sparse Parallel branch gets its own norm, BatchNorm
+      in the convnets and the MLP, LayerNorm in the GPTs, in place of the
+      norm that follows the layer where there is one; False: the paper's
+      plain sum) and model-specific options:
       GPT ``context``, ``vocab_size``; ``mlp_mnist1d`` ``hidden``;
       ``cnn_mnist1d`` ``channels``, ``strides``, ``stem_width``.
 
@@ -323,16 +334,22 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
   entry = _MODELS[name]
   sizes.check_family(family)
   s = check_sparsity(sparsity)
-  unknown = sorted(set(kw) - set(entry.kwargs) - {"factorized_mid"})
+  unknown = sorted(set(kw) - set(entry.kwargs) - set(_MEMBER_KWARGS))
   if unknown:
     raise ValueError(f"{name}: unknown keyword argument(s) {unknown}; accepted: "
-                     f"{sorted(set(entry.kwargs) | {'factorized_mid'})}")
+                     f"{sorted(set(entry.kwargs) | set(_MEMBER_KWARGS))}")
   if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
   mid = kw.pop("factorized_mid", "norm_relu" if entry.conv else "linear")
-  norm = "batch" if entry.conv else "layer"
+  parallel_norm = kw.pop("parallel_norm", True)
+  if not isinstance(parallel_norm, bool):
+    raise ValueError(f"{name}: parallel_norm must be True or False, got {parallel_norm!r}")
+  if reference and family == "sparse_parallel" and not parallel_norm and entry.conv:
+    raise ValueError(f"{name}: reference=True builds the reference's per-branch BatchNorms; "
+                     "parallel_norm=False contradicts it")
+  norm = entry.norm
   cfg = FamilyConfig(family=family, sparsity=s, reference=reference, round_to=round_to,
-                     factorized_mid=mid, norm=norm)
+                     factorized_mid=mid, norm=norm, parallel_norm=parallel_norm)
   built = entry.build(cfg, num_classes, kw)
   base = entry.build(FamilyConfig(norm=norm, factorized_mid=mid), num_classes, kw).module
   dense = built.dense

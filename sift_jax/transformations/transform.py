@@ -21,7 +21,7 @@ Which layers are transformed:
 * ``layers`` (regexes on the layer path, e.g. ``"block/mlp"``) if given;
 * otherwise, for Parallel, Factorized and Doped, every layer whose kernel the
   user's ``policy`` would make sparse (so a policy that keeps the stem and the
-  classifier dense also keeps them untransformed, SPEC section 3);
+  classifier dense also keeps them untransformed, docs/method.md);
 * for Sparse Wide, every layer: each one's output features grow by
   ``k_sw = sqrt(1/d)`` except the ``output_layers``, and inputs follow
   because Flax creates kernels from the input shape. Without
@@ -436,7 +436,7 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
               layers: Optional[Sequence[str]] = None,
               output_layers: Optional[Sequence[str]] = None, reference: bool = False,
               round_to: int = 1, factorized_mid: str = "linear",
-              parallel_norm: bool = False,
+              parallel_norm: bool = True,
               parallel_activation: Optional[Callable[[jax.Array], jax.Array]] = None
               ) -> TransformedModel:
   """Applies a Sparse-IFT member to a Flax Linen model without editing its code.
@@ -468,9 +468,9 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   ResNet blocks put a BatchNorm on every branch in place of the block's
   BatchNorm (and, in its ImageNet ResNets, a ReLU inside every branch); a
   drop-in transform replaces only the layer and cannot remove the user's own
-  norm after it. ``parallel_norm=True`` (a LayerNorm per branch) and
-  ``parallel_activation=nn.relu`` build the per-branch part; the model's own
-  norm and activation after the layer still apply. The registry ResNets
+  norm after it. ``parallel_norm=True`` (the default: a LayerNorm per
+  branch) and ``parallel_activation=nn.relu`` build the per-branch part; the
+  model's own norm and activation after the layer still apply. The registry ResNets
   (``sift_jax.models.get_model(..., reference=True)``) reproduce the
   reference's placement exactly.
 
@@ -489,7 +489,12 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
     round_to: Widths and ranks are rounded to the nearest multiple of this,
       and to at least one multiple.
     factorized_mid: ``"linear"``, ``"norm"`` or ``"norm_relu"`` (LayerNorm).
-    parallel_norm: A LayerNorm on every Parallel branch (before the sum).
+    parallel_norm: A LayerNorm on every Parallel branch, before the sum
+      (default). It breaks the symmetry of the branches: without it every
+      branch receives the same gradient, RigL grows the same positions in
+      all of them and they train as one matrix of the original shape.
+      LayerNorm because a drop-in model need not have a ``train`` flag or a
+      ``batch_stats`` collection. ``False``: the paper's plain sum.
     parallel_activation: Optional activation applied to every Parallel
       branch, after its norm and before the sum (``nn.relu``: the reference
       ImageNet blocks).
