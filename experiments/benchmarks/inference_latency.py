@@ -200,10 +200,11 @@ def main():
         r = bench(model_name, family, options, s, args.rounds, rng)
         results.append(r)
         print(_row(r), f"err {r['max_rel_err']:.1e}", flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump({"device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-               "rounds": args.rounds, "results": results}, f, indent=2)
+        # Written after every row: a long run that is stopped keeps what it measured.
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+          json.dump({"device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+                     "jax": jax.__version__, "rounds": args.rounds, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
