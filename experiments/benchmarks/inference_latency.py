@@ -181,19 +181,28 @@ def _row(r):
           f" | {by['transformed']/1e3:.0f} / {by['inference']/1e3:.0f} / {by['dense']/1e3:.0f}{scatter} |")
 
 
+HEADER = ("| model | member | s | path | " + " | ".join(
+    f"batch {b}: transformed / inference / dense ms (inference / dense)" for b in BATCHES) +
+          " | kB transformed / inference / dense |\n|" + "---|" * (5 + len(BATCHES)))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--table", default=None, help="print the markdown table of a results JSON")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--sparsities", default="0.5,0.9")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "inference_latency.json"))
   args = parser.parse_args()
+  if args.table:
+    with open(args.table, encoding="utf-8") as f:
+      print(HEADER)
+      print("\n".join(_row(r) for r in json.load(f)["results"]))
+    return
   rng = np.random.default_rng(0)
   results = []
-  print("| model | member | s | path | " + " | ".join(
-      f"batch {b}: transformed / inference / dense ms (inference/dense)" for b in BATCHES) +
-        " | kB transformed / inference / dense |")
+  print(HEADER)
   for model_name in args.models.split(","):
     for s in (float(v) for v in args.sparsities.split(",")):
       for family, options in MEMBERS:
