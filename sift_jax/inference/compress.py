@@ -296,7 +296,7 @@ def _plain(tree: Any) -> Any:
   return tree
 
 
-def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "ell",
+def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "scatter",
              max_density: float = 0.5, example_input: Any = None) -> CompressedModel:
   """Stores a trained model's sparse kernels in a sparse format for inference.
 
@@ -310,7 +310,8 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "el
     variables: Its variables (``{"params": ..., "batch_stats": ...}``).
     masks: Optional bool tree with the structure of ``variables["params"]``;
       applied first. ``None``: the zeros of the trained weights are the mask.
-    format: A key of :data:`FORMATS` (``"ell"``, ``"bcoo"``).
+    format: A key of :data:`FORMATS`: ``"scatter"`` (the default: the fastest on CPU in
+      our measurements), ``"ell"`` (sparse compute) or ``"bcoo"``.
     max_density: Kernels with at most this fraction of nonzeros are compressed.
     example_input: For a plain module, one input batch to find its layers
       (a ModelSpec knows its input); without it, kernels are found by name.

@@ -90,7 +90,7 @@ def _inference_model(spec: Any, variables: Any, masks: Any, mode: str, fmt: str
 
 
 def export_model(spec: Any, variables: Any, out_dir: str, *, masks: Any = None, mode: str = "auto",
-                 format: str = "ell", extra_info: Optional[dict] = None) -> ExportResult:
+                 format: str = "scatter", extra_info: Optional[dict] = None) -> ExportResult:
   """Folds or compresses a registry model's trained variables and writes the artifacts.
 
   Args:
@@ -202,7 +202,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[Any, dict, Any, 
   return funcs.spec, variables, masks, int(step)
 
 
-def export_run(workdir: str, out_dir: str, *, mode: str = "auto", format: str = "ell",
+def export_run(workdir: str, out_dir: str, *, mode: str = "auto", format: str = "scatter",
                step: Optional[int] = None) -> ExportResult:
   """Exports a finished training run (see the module docstring)."""
   spec, variables, masks, step = load_run(workdir, step)
@@ -219,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--out", required=True, help="output directory (new)")
   parser.add_argument("--mode", default="auto", choices=MODES,
                       help="fold where the member folds (auto), only fold, or compress")
-  parser.add_argument("--format", default="ell", choices=tuple(FORMATS),
+  parser.add_argument("--format", default="scatter", choices=tuple(FORMATS),
                       help="sparse format of compressed kernels")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   args = parser.parse_args(argv)
