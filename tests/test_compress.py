@@ -52,12 +52,15 @@ def test_compressed_transformed_user_model_with_strided_padded_dilated_convs():
       return nn.Dense(4, name="head")(x)
 
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  for family in ("sparse_wide", "sparse_factorized"):
+  for family, fmt in (("sparse_wide", "scatter"), ("sparse_wide", "ell"),
+                      ("sparse_factorized", "scatter")):
     model = sift_jax.transform(Net(), family=family, sparsity=0.5, output_layers=("head",),
                                factorized_mid="norm_relu")
     variables = _masked(_trained_like(_init(model, x)), density=0.3)
-    small = compress(model, variables, example_input=x)
-    assert small.compressed  # the transformed layers (inside the members), not the kept head
+    small = compress(model, variables, format=fmt, example_input=x)
+    # The transformed layers (inside the members); Sparse Wide keeps the head as it is.
+    assert small.compressed
+    assert any(p.startswith("head") for p in small.compressed) == (family != "sparse_wide")
     assert _rel_err(small(x), model.apply(variables, x)) <= 1e-5
 
 
