@@ -31,12 +31,12 @@ print(f"{spec.name} / {spec.family}: branches {spec.info['branches']}, solved s 
 test = next(make_dataset("mnist1d", split="test", batch_size=10_000))
 
 # %% [markdown]
-# ## Train 400 RigL steps
+# ## Train 600 RigL steps
 # The per-branch BatchNorms keep running statistics (`batch_stats`), which the
 # fold uses: in inference mode a BatchNorm is an affine map.
 
 # %%
-STEPS = 400
+STEPS = 600
 tx = sift_jax.rigl(optax.sgd(optax.cosine_decay_schedule(0.1, STEPS), momentum=0.9),
                    sparsity=spec.solved_sparsity, policy=spec.policy, total_steps=STEPS,
                    update_every=100, seed=0)
