@@ -4,7 +4,8 @@ Pure mask transforms on parameter pytrees (:mod:`sift_jax.masks`), sparse
 training as optax gradient transformations (:mod:`sift_jax.optim`), the
 Sparse-IFT family as Flax layers and model transforms
 (:mod:`sift_jax.transformations`), models, FLOP accounting, data, sharded
-training and spectral analysis of masks.
+training, spectral analysis of masks, and inference (:mod:`sift_jax.inference`: fold a
+trained member back into the dense layer, compress sparse kernels, export).
 """
 
 # First: `python -m sift_jax.train` handles SIGTERM from its start (see there).
@@ -24,6 +25,9 @@ from sift_jax.models import ModelSpec, get_model, list_models
 from sift_jax.transformations import (FAMILIES, IsoFlopToleranceWarning, SparseDoped, SparseFactorized,
                                       SparseParallel, TransformedModel, solve_sparsity, transform,
                                       transformed_policy)
+from sift_jax import inference
+from sift_jax.inference import CompressedModel, FoldError, compress, fold
+from sift_jax.inference.export import export_model, export_run
 from sift_jax.optim import (SparseState, SparseStats, get_masks, get_sparse_state, rigl, set_sparse,
                             sparse_stats, static_sparse)
 
@@ -49,4 +53,5 @@ __all__ = [
     "explain_selection", "get_masks", "get_sparse_state", "init_masks", "layer_densities",
     "mask_stats", "masks", "optim", "path_str", "rigl", "select_sparse", "set_sparse", "sharding",
     "sparse_stats", "spectral", "static_sparse", "target_count", "data",
+    "CompressedModel", "FoldError", "compress", "export_model", "export_run", "fold", "inference",
 ]

@@ -19,9 +19,10 @@ MIN_IMAGES = {"03_rigl_dynamics_mnist1d.py": 3}
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "notebooks", "src", "*.py")))
 
 
-def test_there_are_three_notebooks():
+def test_there_are_four_notebooks():
   assert [os.path.basename(s) for s in SOURCES] == [
-      "01_mask_transforms.py", "02_sparse_ift_family.py", "03_rigl_dynamics_mnist1d.py"]
+      "01_mask_transforms.py", "02_sparse_ift_family.py", "03_rigl_dynamics_mnist1d.py",
+      "04_fold_and_export.py"]
 
 
 @pytest.mark.parametrize("src", SOURCES, ids=os.path.basename)
