@@ -137,7 +137,13 @@ def test_cli_json(capsys):
   assert out["base_dense_macs"] == 40 * 256 + 2 * 256 * 256 + 256 * 10
   assert out["iso_flop_ratio"] == pytest.approx(out["sparse_macs"] / out["base_dense_macs"])
   assert abs(out["iso_flop_ratio"] - 1.0) < 0.005
-  assert out["nominal_sparsity"] == 0.9 and out["solved_sparsity"] > 0.9
+  # Sparse Wide masks the MLP's widened stem too (its input width stays 40): the masks then
+  # need a little less sparsity than the nominal one (before: > 0.9 with a dense stem).
+  assert out["nominal_sparsity"] == 0.9 and 0.89 < out["solved_sparsity"] < 0.9
+  masked = sum(row["macs"] for row in out["layers"] if row["name"] != "head/kernel")
+  head = sum(row["macs"] for row in out["layers"] if row["name"] == "head/kernel")
+  assert (1 - out["solved_sparsity"]) * masked + head == pytest.approx(out["base_dense_macs"],
+                                                                       rel=5e-3)
   assert sum(row["macs"] for row in out["layers"]) == out["dense_macs"]
   assert out["sparse_flops"] == 2 * out["sparse_macs"]
   assert [row["name"] for row in out["layers"]][:2] == ["stem/kernel", "fc_0/kernel"]

@@ -42,6 +42,12 @@ class FamilyConfig:
       the same reason). ``False`` gives the paper's plain sum.
     parallel_activation: Optional activation inside every Parallel branch
       (the reference ImageNet ResNets use ReLU).
+    doped_low_rank_init: Initialisation of Sparse Doped's ``U`` and ``V``
+      (:data:`sift_jax.transformations.layers.DOPED_LOW_RANK_INITS`):
+      ``"step_matched"`` (default) starts the dense low-rank path at a dense
+      layer's SGD step size; ``"template"`` initialises both factors like the
+      template (the reference), which learns up to ``1 + D_out / r`` times
+      faster and diverges at dense learning rates.
   """
 
   family: str = "dense"
@@ -52,6 +58,7 @@ class FamilyConfig:
   norm: str = "batch"
   parallel_norm: bool = True
   parallel_activation: Optional[Callable[..., Any]] = None
+  doped_low_rank_init: str = "step_matched"
 
   def __post_init__(self):
     sizes.check_family(self.family)
@@ -60,6 +67,9 @@ class FamilyConfig:
     if self.factorized_mid not in layers_lib.FACTORIZED_MIDS:
       raise ValueError(f"factorized_mid must be one of {layers_lib.FACTORIZED_MIDS}, "
                        f"got {self.factorized_mid!r}")
+    if self.doped_low_rank_init not in layers_lib.DOPED_LOW_RANK_INITS:
+      raise ValueError(f"doped_low_rank_init must be one of "
+                       f"{tuple(layers_lib.DOPED_LOW_RANK_INITS)}, got {self.doped_low_rank_init!r}")
     if self.norm not in layers_lib.NORMS:
       raise ValueError(f"norm must be one of {layers_lib.NORMS}, got {self.norm!r}")
 
@@ -114,7 +124,8 @@ class FamilyConfig:
           use_running_average=use_running_average if self.factorized_mid != "linear" else None,
           **module_kwargs)
     return layers_lib.SparseDoped(template, sparsity=self.sparsity, round_to=self.round_to,
-                                  reference=self.reference, **module_kwargs)
+                                  reference=self.reference, low_rank_init=self.doped_low_rank_init,
+                                  **module_kwargs)
 
   def layer(self, cls: type, *args: Any, name: str, use_running_average: Optional[bool] = None,
             **kwargs: Any) -> nn.Module:

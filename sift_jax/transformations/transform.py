@@ -503,7 +503,8 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
     A :class:`TransformedModel`.
 
   Raises:
-    ValueError: for an unknown family, a sparsity outside [0, 1), a model that
+    ValueError: for an unknown family, a sparsity outside [0, 1), a nonzero
+      sparsity with ``family="dense"`` (nothing would use it), a model that
       is not a Linen module, invalid regexes or a non-callable
       ``parallel_activation``. A model in which nothing gets transformed, or
       whose output shape Sparse Wide would change, raises when it is first
@@ -514,6 +515,12 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   if parallel_activation is not None and not callable(parallel_activation):
     raise ValueError(f"transform(): parallel_activation must be callable or None, got "
                      f"{parallel_activation!r}")
+  if family == "dense" and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) \
+      and float(sparsity) != 0.0:
+    raise ValueError(f"transform(family='dense') returns the model unchanged, so sparsity has no "
+                     f"meaning there; got sparsity={sparsity!r} (pass 0, or a member such as "
+                     "family='sparse_wide'; sparse training of the dense model is the optimizer's "
+                     "job: sift_jax.rigl / sift_jax.static_sparse)")
   config = FamilyConfig(family=family, sparsity=sparsity, reference=reference, round_to=round_to,
                         factorized_mid=factorized_mid, norm="layer", parallel_norm=parallel_norm,
                         parallel_activation=parallel_activation)
