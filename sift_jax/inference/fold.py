@@ -214,12 +214,17 @@ def _fold_doped(node, stats, where, cfg):
   if set(node) != {"S", "U", "V"}:
     raise ValueError(f"fold(): {where}: a Sparse Doped layer holds S, U and V, found {sorted(node)}")
   s = _kernel(node["S"], f"{where}/S")
-  low_rank = _low_rank_product(_kernel(node["U"], f"{where}/U"), _kernel(node["V"], f"{where}/V"),
-                               None, where)
+  u = _kernel(node["U"], f"{where}/U")
+  low_rank = _low_rank_product(u, _kernel(node["V"], f"{where}/V"), None, where)
   if low_rank.shape != s.shape:
     raise ValueError(f"fold(): {where}: U V has shape {tuple(low_rank.shape)}, S {tuple(s.shape)}")
+  # The layer computes S(x) + alpha V(U(x)); alpha depends on its initialisation rule.
+  rank = int(u.shape[-1])
+  d_in = int(np.prod(u.shape[:-1]))
+  d_out = int(np.prod(low_rank.shape)) // d_in
+  alpha = layers_lib.doped_low_rank(cfg.doped_low_rank_init, d_in, d_out, rank)[2]
   bias = jnp.asarray(node["S"]["bias"], jnp.float32) if "bias" in node["S"] else None
-  return _Folded(s + low_rank, bias, ())
+  return _Folded(s + alpha * low_rank, bias, ())
 
 
 def _is_parallel(node):
@@ -289,7 +294,7 @@ def _layer_config(layer: nn.Module) -> FamilyConfig:
                         parallel_activation=layer.branch_activation)
   if isinstance(layer, layers_lib.SparseFactorized):
     return FamilyConfig(family="sparse_factorized", norm=layer.norm, factorized_mid=layer.mid)
-  return FamilyConfig(family="sparse_doped")
+  return FamilyConfig(family="sparse_doped", doped_low_rank_init=layer.low_rank_init)
 
 
 def _target(model: Any, example_input: Any = None) -> _Target:

@@ -44,7 +44,7 @@ from sift_jax.transformations import sizes
 
 __all__ = [
     "SparseParallel", "SparseFactorized", "SparseDoped", "widen", "layer_kind",
-    "template_dims", "FACTORIZED_MIDS", "NORMS", "DOPED_LOW_RANK_INITS", "BATCH_NORM_MOMENTUM", "BATCH_NORM_EPSILON",
+    "template_dims", "FACTORIZED_MIDS", "NORMS", "DOPED_LOW_RANK_INITS", "doped_low_rank", "BATCH_NORM_MOMENTUM", "BATCH_NORM_EPSILON",
 ]
 
 #: What may sit between ``U`` and ``V`` of Sparse Factorized.
@@ -287,6 +287,27 @@ DOPED_LOW_RANK_INITS: dict[str, Callable[..., tuple[Any, Any, float]]] = {
 }
 
 
+def doped_low_rank(low_rank_init: str, d_in: int, d_out: int,
+                   rank: int) -> tuple[Any, Any, float]:
+  """``(U kernel_init, V kernel_init, alpha)`` of a Sparse Doped layer.
+
+  The layer computes ``S(x) + alpha V(U(x))``; :func:`sift_jax.fold` reads
+  ``alpha`` from here too, so a folded kernel is ``S + alpha U V``.
+
+  Args:
+    low_rank_init: A key of :data:`DOPED_LOW_RANK_INITS`.
+    d_in: ``D_in`` of the dense layer (``k*k*C_in`` for a convolution).
+    d_out: ``D_out`` of the dense layer.
+    rank: The rank ``r`` of ``U V``.
+  """
+  if low_rank_init not in DOPED_LOW_RANK_INITS:
+    raise ValueError(f"low_rank_init must be one of {tuple(DOPED_LOW_RANK_INITS)}, "
+                     f"got {low_rank_init!r}")
+  # The share of the dense layer the path stands in for: s of the rank rule, from the rank.
+  share = min(1.0, rank * (d_in + d_out) / (d_in * d_out))
+  return DOPED_LOW_RANK_INITS[low_rank_init](d_in, d_out, rank, share)
+
+
 class SparseDoped(nn.Module):
   """Sparse Doped: ``W -> alpha U V + S``, output ``S(x) + alpha V(U(x))``.
 
@@ -327,9 +348,7 @@ class SparseDoped(nn.Module):
                        f"{tuple(DOPED_LOW_RANK_INITS)}, got {self.low_rank_init!r}")
     rank = _rank(self, sizes.sparse_doped_rank, x)
     d_in, d_out = template_dims(self.layer, x.shape)
-    # The share of the dense layer the path stands in for: s of the rank rule, from the rank.
-    share = min(1.0, rank * (d_in + d_out) / (d_in * d_out))
-    u_init, v_init, alpha = DOPED_LOW_RANK_INITS[self.low_rank_init](d_in, d_out, rank, share)
+    u_init, v_init, alpha = doped_low_rank(self.low_rank_init, d_in, d_out, rank)
     sparse = self.layer.copy(name="S")(x)
     u = _u_copy(self.layer, rank, "U", **({} if u_init is None else {"kernel_init": u_init}))
     v = _v_copy(self.layer, "V", False, **({} if v_init is None else {"kernel_init": v_init}))
