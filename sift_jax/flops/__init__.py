@@ -1,6 +1,6 @@
 """FLOP accounting: MACs from the jaxpr, sparse MACs, training FLOPs, and a CLI.
 
-Conventions (SPEC section 5):
+Conventions (docs/method.md, section 5):
 
 * A MAC is one multiply-accumulate; FLOPs = 2 x MACs. Tables print both,
   labelled.
