@@ -50,3 +50,30 @@ def test_one_version_license_and_typing_marker():
     text = f.read()
   assert "Apache License" in text and "Version 2.0, January 2004" in text
   assert "END OF TERMS AND CONDITIONS" in text
+
+
+def _top_level_imports(path):
+  import ast  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  names = set()
+  for node in tree.body:  # module level only: imports inside functions are lazy
+    if isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{a.name}" for a in node.names)
+    elif isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+  return names
+
+
+def test_flops_core_does_not_import_models_or_transformations():
+  # flops <- transformations <- models: the FLOP counter itself sits below both
+  # (only its CLI, loaded lazily, sits above them).
+  flops_dir = os.path.join(ROOT, "sift_jax", "flops")
+  for name in ("__init__.py", "_count.py", "_report.py", "_training.py"):
+    imports = _top_level_imports(os.path.join(flops_dir, name))
+    assert not {i for i in imports if i.startswith(("sift_jax.models", "sift_jax.transformations"))
+                or i in ("sift_jax.models", "sift_jax.transformations")}, (name, imports)
+  with open(os.path.join(flops_dir, "__init__.py")) as f:
+    body = f.read()
+  assert "def " not in body.replace("def __getattr__", ""), "flops/__init__.py only re-exports"
