@@ -393,6 +393,7 @@ def dynamic_sparse(
       return jax.tree.unflatten(treedef, new_updates), new_state
 
     idx = [i for i, flag in enumerate(flags) if flag]
+    idx_set = set(idx)
     n_final = final_counts(params) if pruning else None
     ever_leaves = treedef.flatten_up_to(state.stats.ever_active)
     is_update = is_update_step(state.count)
@@ -419,7 +420,7 @@ def dynamic_sparse(
       grow = n_drop if grow_score_fn is not None else [jnp.zeros((), jnp.int32)] * len(n_drop)
       return [n - d for n, d in zip(n_active, n_drop)], grow
 
-    def select_masks(_):
+    def mask_update(_):
       base_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
       seeds = [jax.random.bits(jax.random.fold_in(base_key, i), (2,), jnp.uint32) for i in idx]
       inputs = [ScoreInputs(weights=p_leaves[i] + step_us[i], grads=g_leaves[i], masks=m_leaves[i],
@@ -439,37 +440,39 @@ def dynamic_sparse(
       n_grown = sum((jnp.sum(nm & ~m_leaves[i], dtype=jnp.int32) for i, nm in zip(idx, new_sparse)),
                     jnp.zeros((), jnp.int32))
       new_ever = tuple(ever_leaves[i] | nm for i, nm in zip(idx, new_sparse))
-      return new_sparse, new_ever, n_dropped, n_grown
-
-    def keep_masks(_):
-      zero = jnp.zeros((), jnp.int32)
-      return (tuple(m_leaves[i] for i in idx), tuple(ever_leaves[i] for i in idx), zero, zero)
-
-    new_sparse, new_ever, n_drop, n_grow = lax.cond(is_update, select_masks, keep_masks, None)
-
-    new_masks, both, ever = list(m_leaves), list(m_leaves), list(ever_leaves)
-    for j, i in enumerate(idx):
-      new_masks[i] = new_sparse[j]
-      both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
-      ever[i] = new_ever[j]
-    new_updates = [zero_inactive(su, p, b) for su, p, b in zip(step_us, p_leaves, both)]
-    idx_set = set(idx)
-    keep_tree = jax.tree.unflatten(treedef, [both[i] if i in idx_set else True
-                                             for i in range(len(both))])
-
-    def reset_moments(_):
       # Only an update step changes which weights are active, so only it
       # resets moments (and, without the optimizer step, restores the
-      # previous inner state). On ordinary steps the inner state passes
-      # through untouched: no pass over the moments beyond the optimizer's.
+      # previous inner state).
       base = inner_state if optimizer_step_on_update else state.inner_state
+      both = list(m_leaves)
+      for j, i in enumerate(idx):
+        both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
+      keep_tree = jax.tree.unflatten(treedef, [both[i] if i in idx_set else True
+                                               for i in range(len(both))])
       # optax.masked / multi_transform states hold MaskedNode where a param is
       # not theirs: those are leaves to leave alone, not subtrees to map over.
       reset = optax.tree_map_params(inner, _reset_moments, base, keep_tree,
                                     is_leaf=lambda v: isinstance(v, optax.MaskedNode))
-      return jax.tree.map(_like, reset, inner_state)
+      return new_sparse, new_ever, n_dropped, n_grown, jax.tree.map(_like, reset, inner_state)
 
-    new_inner = lax.cond(is_update, reset_moments, lambda _: inner_state, None)
+    def ordinary(_):
+      # On ordinary steps the masks and the inner state pass through: no pass
+      # over the moments beyond the optimizer's own, no selection.
+      zero = jnp.zeros((), jnp.int32)
+      return (tuple(m_leaves[i] for i in idx), tuple(ever_leaves[i] for i in idx), zero, zero,
+              inner_state)
+
+    # One lax.cond per step (each costs a predicate read): selection and
+    # moment reset together.
+    new_sparse, new_ever, n_drop, n_grow, new_inner = lax.cond(is_update, mask_update, ordinary,
+                                                               None)
+
+    new_masks, both, ever = list(m_leaves), list(m_leaves), list(ever_leaves)
+    for j, i in enumerate(idx):
+      new_masks[i] = new_sparse[j]
+      both[i] = new_sparse[j] & m_leaves[i]
+      ever[i] = new_ever[j]
+    new_updates = [zero_inactive(su, p, b) for su, p, b in zip(step_us, p_leaves, both)]
     did_update = is_update.astype(jnp.int32)
     stats = SparseStats(
         ever_active=jax.tree.unflatten(treedef, ever),
