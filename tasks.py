@@ -5,7 +5,8 @@
   python3 tasks.py test [ARGS...]   # the whole test suite (pytest)
 
 Each command creates ``.venv`` next to this file on first use (or reuses it),
-installs the project and its test requirements into it when they changed,
+installs the project with all its extras (``.[train,notebooks,test]``) into
+it when they changed,
 and then runs inside it. Only the standard library is used here.
 """
 
@@ -42,7 +43,8 @@ def ensure_venv() -> None:
     return
   print("[tasks] installing requirements into .venv (about a minute)", flush=True)
   subprocess.check_call([PYTHON, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                         "-r", os.path.join(ROOT, "requirements-test.txt"), "-e", ROOT])
+                         "-r", os.path.join(ROOT, "requirements-test.txt"),
+                         "-e", ROOT + "[train,notebooks,test]"])
   with open(STAMP, "w") as f:
     f.write(digest + "\n")
 

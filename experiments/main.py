@@ -194,7 +194,7 @@ def main(argv=None):
             f"{records[0]['summary']['total_steps']} steps of batch {cfg['training']['batch_size']}, "
             f"{cfg['optimizer']['name']} lr {cfg['optimizer']['learning_rate']}; "
             f"{len(seeds)} seed(s); accuracy = final eval accuracy on the MNIST-1D test split.\n"
-            "train FLOPs / dense: training FLOPs (SPEC section 5, RigL's dense-gradient steps "
+            "train FLOPs / dense: training FLOPs (docs/method.md, section 5, RigL's dense-gradient steps "
             "included) over the dense baseline's; fwd FLOPs / dense: sparse forward FLOPs per "
             "example over the dense model's (1.000 = iso-FLOP).\n")
   with open(os.path.join(args.results, "table.md"), "w", encoding="utf-8") as f:

@@ -28,19 +28,25 @@ from sift_jax.transformations import (FAMILIES, IsoFlopToleranceWarning, SparseD
 from sift_jax import inference
 from sift_jax.inference import CompressedModel, FoldError, compress, fold
 from sift_jax.inference.export import export_model, export_run
-from sift_jax.optim import (SparseState, SparseStats, get_masks, get_sparse_state, rigl, set_sparse,
-                            sparse_stats, static_sparse)
+from sift_jax.optim import (SparseState, SparseStats, dynamic_sparse, get_masks, get_sparse_state,
+                            gradual_magnitude_pruning, magnitude_masks, oneshot_magnitude_pruning, rigl,
+                            set_sparse, sparse_stats, static_sparse)
 
 __version__ = "0.1.0"
 
-# Heavy, optional subpackages (grain/TFDS, orbax) load on first attribute access.
+# Heavy, optional subpackages (grain/TFDS, orbax) load on first attribute access;
+# their dependencies come with the [train] extra.
 _LAZY_SUBMODULES = ("data", "training")
 
 
 def __getattr__(name):
   if name in _LAZY_SUBMODULES:
     import importlib  # pylint: disable=g-import-not-at-top
-    module = importlib.import_module(f"sift_jax.{name}")
+    try:
+      module = importlib.import_module(f"sift_jax.{name}")
+    except ModuleNotFoundError as e:
+      raise ModuleNotFoundError(f"sift_jax.{name} needs {e.name!r}, which comes with the [train] "
+                                "extra: pip install 'sift_jax[train]'", name=e.name) from e
     globals()[name] = module
     return module
   raise AttributeError(f"module 'sift_jax' has no attribute {name!r}")
@@ -54,4 +60,5 @@ __all__ = [
     "mask_stats", "masks", "optim", "path_str", "rigl", "select_sparse", "set_sparse", "sharding",
     "sparse_stats", "spectral", "static_sparse", "target_count", "data",
     "CompressedModel", "FoldError", "compress", "export_model", "export_run", "fold", "inference",
+    "dynamic_sparse", "gradual_magnitude_pruning", "magnitude_masks", "oneshot_magnitude_pruning",
 ]

@@ -1,11 +1,11 @@
 """Spectral analysis of sparse masks: the Ramanujan-graph view of a layer.
 
-Each masked layer is read as a bipartite graph (SPEC section 7): the left nodes are
+Each masked layer is read as a bipartite graph (docs/method.md, section 7): the left nodes are
 the layer's ``D_in`` unrolled inputs (``k_h * k_w * C_in`` for a convolution), the
 right nodes its ``D_out`` outputs, and an edge joins input ``i`` and output ``j``
 where the mask is 1 (with weight ``|w_ij|`` for the weighted metric). With the
 biadjacency matrix ``M`` (``D_in x D_out``) the adjacency matrix is
-``A = [[0, M], [M^T, 0]]`` (SPEC's ``[[0, M^T], [M, 0]]`` with ``M`` transposed: the
+``A = [[0, M], [M^T, 0]]`` (``[[0, M^T], [M, 0]]`` with ``M`` transposed is the
 same graph), whose eigenvalues are ``+-sigma_i(M)`` plus ``|D_in - D_out|`` zeros.
 
 Metrics (Hoang et al., ICLR 2023; Hoang et al., NeurIPS 2023):
@@ -209,7 +209,7 @@ def layer_metrics(
   says why.
 
   ``mu_hat`` is the third largest ``|eigenvalue|`` of ``A = [[0, M], [M^T, 0]]``
-  (SPEC section 7). As the spectrum is symmetric (``+-sigma_i(M)``), the three
+  (docs/method.md, section 7). As the spectrum is symmetric (``+-sigma_i(M)``), the three
   largest magnitudes are ``sigma_1, sigma_1, sigma_2``, so ``mu_hat = sigma_2(M)``.
 
   The iterative-mean gap follows the reference code of Hoang et al. (ICLR 2023)

@@ -11,7 +11,7 @@ import sift_jax
 from sift_jax import masks as M
 
 # CIFAR ResNet-18 masked convolutions (Flax layout kh, kw, C_in, C_out): the
-# 3x3 block convs and the 1x1 projection shortcuts (SPEC section 3).
+# 3x3 block convs and the 1x1 projection shortcuts (docs/method.md, section 3).
 RESNET18_CONVS = {
     "layer1_0/conv1": (3, 3, 64, 64), "layer1_0/conv2": (3, 3, 64, 64),
     "layer1_1/conv1": (3, 3, 64, 64), "layer1_1/conv2": (3, 3, 64, 64),

@@ -1,4 +1,4 @@
-"""The paper's models: golden sizes (SPEC section 5), reference options, policies, training."""
+"""The paper's models: golden sizes (docs/method.md, section 5), reference options, policies, training."""
 
 import re
 
@@ -17,7 +17,7 @@ def _n_params(spec):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_variables()["params"]))
 
 
-# SPEC section 5 (reference numbers); ResNet-50 / MobileNetV2 / GPT-3 Small: torchvision and GPT-3.
+# docs/method.md, section 5 (reference numbers); ResNet-50 / MobileNetV2 / GPT-3 Small: torchvision and GPT-3.
 GOLDEN = [
     ("resnet18_cifar", {}, 555_468_800, 11_220_132),
     ("resnet18_cifar", {"num_classes": 10}, 555_422_720, 11_173_962),

@@ -16,7 +16,7 @@ from sift_jax.transformations import (FAMILIES, FamilyConfig, IsoFlopToleranceWa
                                       sparse_parallel_branches, sparse_wide_factor,
                                       sparse_wide_width, transform)
 
-# SPEC section 5: reference ranks of CIFAR ResNet-18's 3x3 convolutions, C_in -> C_out.
+# docs/method.md, section 5: reference ranks of CIFAR ResNet-18's 3x3 convolutions, C_in -> C_out.
 CHANNELS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512)]
 REF_FACTORIZED = {
     0.5: [116, 210, 231, 419, 461, 838, 922],

@@ -1,6 +1,6 @@
 r"""CIFAR-100 ResNet-18: the paper's CIFAR runs as launched on a TPU slice.
 
-Recipe (SPEC section 6): 200 epochs of batch 128, SGD with Nesterov momentum
+Recipe (docs/method.md, section 6): 200 epochs of batch 128, SGD with Nesterov momentum
 0.9, lr 0.1 decayed x0.2 at epochs 60/120/160, weight decay 5e-4 on all
 parameters, random crop + flip; uniform sparsity, RigL every 100 steps with
 f0 = 0.3 and a cosine drop schedule ending at 75% of training.

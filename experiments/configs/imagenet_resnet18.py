@@ -1,6 +1,6 @@
 r"""ImageNet ResNet-18: the paper's ImageNet runs as launched on a TPU pod.
 
-Recipe (SPEC section 6): 90 epochs of batch 256, SGD lr 0.256 with momentum
+Recipe (docs/method.md, section 6): 90 epochs of batch 256, SGD lr 0.256 with momentum
 0.875, weight decay 2^-15 not on norms and biases, cosine decay to 0 without
 warmup, label smoothing 0.1, random-resized crops and flips; uniform sparsity,
 RigL every 100 steps, f0 = 0.3 cosine, ending at 75% of training. The sweep:

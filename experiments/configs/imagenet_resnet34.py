@@ -1,6 +1,6 @@
 r"""ImageNet ResNet-34: the paper's ImageNet runs as launched on a TPU pod.
 
-The ResNet-18 recipe of ``imagenet_resnet18.py`` (SPEC section 6) with the
+The ResNet-18 recipe of ``imagenet_resnet18.py`` (docs/method.md, section 6) with the
 34-layer model; same sweep (dense, Sparse Wide and Sparse Parallel at s in
 {0.5, 0.75, 0.9} with RigL). On a pod every host runs::
 

@@ -5,7 +5,7 @@ convolutions of 4, 8 and 8 channels (strides 1, 2, 2), BatchNorm and ReLU,
 global average pooling and a linear classifier: small enough to be
 capacity-limited on MNIST-1D (about 92% test accuracy), so extra
 (sparse) capacity can show. The Sparse-IFT members transform the three
-hidden convolutions (the stem and the classifier stay dense, SPEC section 3)
+hidden convolutions (the stem and the classifier stay dense, docs/method.md, section 3)
 and train them sparse with RigL, iso-FLOP with the dense model. SGD with
 momentum 0.9, lr 0.1 with cosine decay, weight decay 5e-4, 2000 steps of
 batch 128 (64 epochs of the 4000 training signals)::

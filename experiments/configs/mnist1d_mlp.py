@@ -2,7 +2,7 @@ r"""MNIST-1D MLP: the main job's grid with a multi-layer perceptron (CPU, offlin
 
 The dense baseline is ``mlp_mnist1d`` with three hidden layers of 64 units;
 the Sparse-IFT members transform the two hidden-to-hidden layers (the stem
-and the classifier stay dense, SPEC section 3) and train them sparse with
+and the classifier stay dense, docs/method.md, section 3) and train them sparse with
 RigL, iso-FLOP with the dense model. On MNIST-1D an MLP is limited by its
 lack of translation invariance more than by its width: expect the members
 to trail the dense MLP at 2000 steps::

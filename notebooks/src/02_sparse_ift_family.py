@@ -4,7 +4,7 @@
 # Sparse-IFT replaces each dense layer by a wider (Sparse Wide), parallel
 # (Sparse Parallel), factorized (Sparse Factorized) or doped (Sparse Doped)
 # structure trained at sparsity `s`, sized so the sparse forward FLOPs equal
-# the dense layer's (SPEC section 2). Here we
+# the dense layer's (docs/method.md, section 2). Here we
 #
 # 1. build a CIFAR ResNet-18 and a small GPT with every member and print the
 #    per-layer FLOP tables (counted from the jaxpr),
@@ -89,7 +89,7 @@ print(flops.model_report(sift_jax.get_model("gpt_mini", family="sparse_doped", s
 
 # %% [markdown]
 # ## Training FLOPs of the schedules
-# SPEC section 5 (after Evci et al.): dense `3 f_D`; static and SET `3 f_S`;
+# docs/method.md, section 5 (after Evci et al.): dense `3 f_D`; static and SET `3 f_S`;
 # RigL `(3 f_S dt + 2 f_S + f_D)/(dt + 1)` inside its update window.
 
 # %%

@@ -7,7 +7,7 @@
 # * the number of connections dropped and grown at each mask update,
 # * the fraction of weights that were ever active (in-time over-parameterisation),
 # * the spectral metrics of the masks (Ramanujan gap, weighted spectral gap,
-#   SPEC section 7) against test accuracy.
+#   docs/method.md, section 7) against test accuracy.
 #
 # Everything runs on CPU in one to two minutes; the data are generated offline
 # by the `mnist1d` package.

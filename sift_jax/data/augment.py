@@ -7,7 +7,7 @@ generator derived from ``(seed, global example index)`` so that augmentation is
 reproducible after resuming from a checkpoint and independent of the number of
 processes.
 
-The recipes follow SIFT (Saxena et al., 2023), section 6 of ``SPEC.md``:
+The recipes follow SIFT (Saxena et al., 2023), docs/method.md, section 6:
 
 * CIFAR train: random crop 32x32 from the image zero-padded by 4 pixels,
   random horizontal flip, per-channel normalisation.

@@ -6,6 +6,6 @@ command does not re-execute a module that ``import sift_jax`` already loaded.
 
 import sys
 
-from sift_jax.flops import main
+from sift_jax.flops._cli import main
 
 sys.exit(main())

@@ -49,7 +49,7 @@ def layer_densities(params: Any, sparsity: float, *, distribution: str = "unifor
   with ``eps`` chosen so that the sparse leaves hold ``(1 - sparsity)`` of
   their weights in total; while some leaf would exceed density 1, the leaves
   with the largest raw score are made dense and ``eps`` is solved again
-  (SPEC section 4, as in RigL's ``get_sparsities_erdos_renyi``). ``er`` uses
+  (docs/method.md, section 4, as in RigL's ``get_sparsities_erdos_renyi``). ``er`` uses
   only the last two (channel) dimensions of each shape.
 
   Leaves matched by ``policy.densities`` overrides keep their given density and

@@ -98,7 +98,7 @@ def init_masks(key: jax.Array, params: Any, densities: Any) -> Any:
   """Draws random masks with an exact number of ones per leaf.
 
   Leaf ``l`` gets exactly :func:`target_count` ``(densities[l], size)`` ones at
-  uniformly random positions (RigL's exact-count rule, SPEC section 4).
+  uniformly random positions (RigL's exact-count rule, docs/method.md, section 4).
   Leaves with density 1.0 get all-ones masks. Jittable; ``params`` may hold
   ``jax.ShapeDtypeStruct`` leaves.
 

@@ -1,6 +1,6 @@
 """Small MNIST-1D models (Greydanus, 2020): 40-sample signals, 10 classes.
 
-Both follow the ResNet rule of docs/method.md: the first layer (``stem``,
+Both follow the ResNet rule of docs/method.md, section 3: the first layer (``stem``,
 fed by the raw input) and the classifier (``head``) are dense and not
 transformed; the hidden layers in between are transformed and sparse. Under
 Sparse Wide every hidden width grows.

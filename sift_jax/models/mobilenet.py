@@ -11,7 +11,7 @@ channels, are transformed and masked; they hold almost all of the MACs. The
 filter has only 9 weights per channel, the Factorized/Doped rank formulas do
 not apply to grouped convolutions, and sparsifying them saves almost no FLOPs
 (the reference offers the same as ``sp_use_layer_specialization``). The stem
-and the classifier are dense (docs/method.md). Under Sparse Wide every
+and the classifier are dense (docs/method.md, section 3). Under Sparse Wide every
 channel count grows (depthwise channels follow their input).
 
 Parameter names: ``stem``, ``stem_bn``, ``block{i}/expand``, ``expand_bn``,

@@ -1,7 +1,7 @@
 """Model registry: the paper's models as :class:`ModelSpec` for any Sparse-IFT member.
 
 ``get_model(name, family=..., sparsity=...)`` builds the Linen module, the mask
-policy of docs/method.md for the transformed parameters, and solves the mask
+policy of docs/method.md, section 3 for the transformed parameters, and solves the mask
 sparsity that makes the sparse forward MACs equal the dense model's
 (:mod:`sift_jax.transformations.isoflop`). The training code then uses::
 

@@ -17,7 +17,7 @@ DROP_SCHEDULES = ("cosine", "constant", "linear")
 
 @dataclasses.dataclass(frozen=True)
 class MaskUpdateSchedule:
-  """Mask-update timing and drop-fraction decay (SPEC section 4).
+  """Mask-update timing and drop-fraction decay (docs/method.md, section 4).
 
   A mask update happens at step ``t`` iff ``start_step <= t < end_step`` and
   ``(t - start_step) % update_every == 0``. The drop fraction at ``t`` is

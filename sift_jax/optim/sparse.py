@@ -1,4 +1,9 @@
-"""Sparse training as optax gradient transformations: static, SET and RigL.
+"""Sparse training as optax gradient transformations: one engine, pluggable scores.
+
+:func:`dynamic_sparse` updates masks from a drop score and a grow score on a
+schedule; :func:`static_sparse`, :func:`set_sparse` and :func:`rigl` are thin
+factories over it, as are the magnitude-pruning methods of
+:mod:`sift_jax.optim.pruning`.
 
 Each factory wraps any inner optax optimizer and returns an
 ``optax.GradientTransformationExtraArgs`` whose state carries the masks. The
@@ -25,7 +30,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +39,12 @@ import numpy as np
 import optax
 
 from sift_jax.masks import densities as densities_lib
-from sift_jax.masks import ops, selection, topk
+from sift_jax.masks import ops, selection, topk, tree_paths
 from sift_jax.optim import schedules
 
-__all__ = ["SparseState", "SparseStats", "static_sparse", "set_sparse", "rigl",
-           "get_masks", "get_sparse_state", "sparse_stats", "METHODS"]
-
-METHODS = ("static", "set", "rigl")
+__all__ = ["SparseState", "SparseStats", "ScoreInputs", "ScoreFn", "SCORE_FNS", "SCOPES",
+           "magnitude_score", "gradient_score", "random_score", "dynamic_sparse",
+           "static_sparse", "set_sparse", "rigl", "get_masks", "get_sparse_state", "sparse_stats"]
 
 
 class SparseStats(NamedTuple):
@@ -88,22 +92,216 @@ def _key_data(seed: Union[int, jax.Array]) -> jax.Array:
   return seed.astype(jnp.uint32)
 
 
-def _sparse_transformation(
-    inner: optax.GradientTransformation, *, method: str, sparsity: Optional[float],
-    densities: Any, masks: Any, policy: Optional[selection.SparsityPolicy], distribution: str,
-    schedule: Optional[schedules.MaskUpdateSchedule], optimizer_step_on_update: bool,
-    seed: Union[int, jax.Array],
+class ScoreInputs(NamedTuple):
+  """What a score function sees for one sparse tensor at a mask update.
+
+  Attributes:
+    weights: The weights being ranked: after this step's optimizer update
+      when ``optimizer_step_on_update`` is True, as they are otherwise.
+    grads: The dense gradient passed to ``update`` (not masked).
+    masks: The bool mask before this update.
+    key: A PRNG key for this tensor and this update (random scores).
+  """
+
+  weights: jax.Array
+  grads: jax.Array
+  masks: jax.Array
+  key: jax.Array
+
+
+ScoreFn = Callable[[ScoreInputs], jax.Array]
+"""Maps :class:`ScoreInputs` of one tensor to a score of the same shape.
+
+Larger scores are kept (drop scores) or grown (grow scores) first. A float
+score is compared by its absolute value in float32 (NaN lowest); an int32
+score must be ``>= 0`` and is compared as it is. Ties are broken
+pseudo-randomly, so the selected counts are always exact.
+"""
+
+
+def magnitude_score(inputs: ScoreInputs) -> jax.Array:
+  """``|w|``: the drop score of RigL, SET and magnitude pruning."""
+  return inputs.weights
+
+
+def gradient_score(inputs: ScoreInputs) -> jax.Array:
+  """``|g|`` of the dense gradient: RigL's grow score (Evci et al. 2020)."""
+  return inputs.grads
+
+
+def random_score(inputs: ScoreInputs) -> jax.Array:
+  """Uniformly random int32 keys: SET's grow score (Mocanu et al. 2018)."""
+  bits = jax.random.bits(inputs.key, inputs.masks.shape, jnp.uint32) >> 1
+  return bits.astype(jnp.int32)
+
+
+SCORE_FNS: dict[str, ScoreFn] = {
+    "magnitude": magnitude_score,
+    "gradient": gradient_score,
+    "random": random_score,
+}
+"""Score functions by name, for configs; any :data:`ScoreFn` works in code."""
+
+SCOPES = ("layerwise", "global")
+
+
+def _score_keys(score_fn: ScoreFn, inputs: ScoreInputs, candidates: jax.Array) -> jax.Array:
+  """int32 top-k keys of ``score_fn`` (see :data:`ScoreFn`), -1 off ``candidates``."""
+  scores = score_fn(inputs)
+  if tuple(scores.shape) != tuple(inputs.masks.shape):
+    raise ValueError(f"score function {getattr(score_fn, '__name__', score_fn)!r} returned shape "
+                     f"{tuple(scores.shape)} for a tensor of shape {tuple(inputs.masks.shape)}")
+  if scores.dtype == jnp.int32:
+    return jnp.where(candidates, scores, topk.EXCLUDED)
+  return topk.float_keys(scores, candidates)
+
+
+def _as_step_fn(value: Any, name: str) -> Callable[[jax.Array], jax.Array]:
+  """A float or an optax schedule as a function of the step."""
+  if callable(value):
+    return value
+  try:
+    constant = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a float or an optax schedule, got {value!r}") from None
+  if not 0.0 <= constant <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+  return lambda step: jnp.float32(constant)
+
+
+def _check_nonempty_masks(masks: Any) -> None:
+  """Refuses a mask leaf with no active weight (a layer that could never learn)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(masks)
+  for key_path, m in flat:
+    if isinstance(m, jax.core.Tracer):
+      continue  # only concrete masks can be checked; traced ones are the caller's
+    arr = np.asarray(m)
+    if arr.size and not arr.any():
+      raise ValueError(f"mask for parameter {tree_paths.path_str(key_path)!r} has no active "
+                       "weight (all False); give it at least one True entry, or leave the "
+                       "parameter out of the sparse ones")
+
+
+def dynamic_sparse(
+    inner: optax.GradientTransformation, *,
+    drop_score_fn: Optional[ScoreFn] = magnitude_score,
+    grow_score_fn: Optional[ScoreFn] = None,
+    drop_fraction: Union[float, optax.Schedule, None] = None,
+    update_schedule: Union[schedules.MaskUpdateSchedule, Callable[[jax.Array], jax.Array], None],
+    sparsity: Optional[float] = None, densities: Any = None, masks: Any = None,
+    policy: Optional[selection.SparsityPolicy] = None, distribution: str = "uniform",
+    sparsity_progress: Optional[optax.Schedule] = None, start_dense: bool = False,
+    scope: str = "layerwise", optimizer_step_on_update: bool = False,
+    seed: Union[int, jax.Array] = 0, name: str = "dynamic_sparse",
 ) -> optax.GradientTransformationExtraArgs:
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  """Sparse training with masks updated by pluggable drop and grow scores.
+
+  The one engine behind :func:`static_sparse`, :func:`set_sparse`,
+  :func:`rigl` and the magnitude-pruning methods of :mod:`sift_jax.optim`.
+  Between mask updates every step is a static sparse step: the inner
+  optimizer sees masked gradients and masked params, and the update of an
+  inactive weight is ``-p`` so that it is exactly zero afterwards. At an
+  update step ``t`` (``update_schedule``), for each sparse tensor (or, with
+  ``scope="global"``, for all sparse tensors ranked together):
+
+  * **Regrowing methods** (``drop_fraction``): ``n_drop = floor(f(t) *
+    n_active)``; keep the ``n_active - n_drop`` active weights of largest
+    drop score; if ``grow_score_fn`` is given, activate the ``n_drop``
+    positions of largest grow score among those not kept (just-dropped ones
+    included), so counts stay exactly at target.
+  * **Pruning methods** (``sparsity_progress``): the tensor keeps the
+    ``n(t) = size - round(c(t) * (size - n_final))`` active weights of largest
+    drop score (never more than are active), where ``c(t)`` in [0, 1] is the
+    fraction of the way to the final count ``n_final`` given by
+    ``sparsity``/``densities``; nothing is regrown.
+
+  Grown weights start at zero with zero optimizer moments (reset through
+  ``optax.tree_map_params``, so any optax optimizer works); weights kept keep
+  their value and moments. Everything an update step does beyond a static
+  step (selection, moment reset) runs under one ``lax.cond``, so ordinary
+  steps cost what a static step costs and nothing retraces.
+
+  Args:
+    inner: Any optax optimizer; it sees masked gradients.
+    drop_score_fn: :data:`ScoreFn` of the weights to keep (default
+      :func:`magnitude_score`).
+    grow_score_fn: :data:`ScoreFn` of the positions to grow (e.g.
+      :func:`gradient_score`, :func:`random_score`); None grows nothing.
+    drop_fraction: Fraction of active weights dropped at an update step: a
+      float in [0, 1] or an optax schedule of the step. Defaults to
+      ``update_schedule.drop_fraction_at`` for a
+      :class:`~sift_jax.optim.MaskUpdateSchedule`.
+    update_schedule: When masks change: a
+      :class:`~sift_jax.optim.MaskUpdateSchedule`, a function ``step -> bool``
+      (jittable), or None for fixed masks (static sparse training).
+    sparsity: Target sparsity in [0, 1) of the leaves ``policy`` selects
+      (exactly one of ``sparsity``, ``densities``, ``masks``).
+    densities: Pytree of per-leaf densities (see :func:`sift_jax.layer_densities`).
+    masks: Explicit initial bool masks; every leaf needs an active weight.
+    policy: :class:`sift_jax.SparsityPolicy`; default: every leaf with ndim >= 2.
+    distribution: ``"uniform"``, ``"erk"`` or ``"er"`` when ``sparsity`` is given.
+    sparsity_progress: Pruning: optax schedule ``step -> c`` in [0, 1]
+      (exclusive with ``drop_fraction`` and ``grow_score_fn``).
+    start_dense: Initial masks all ones; ``sparsity``/``densities`` give the
+      final counts pruning reaches (needs ``sparsity_progress``).
+    scope: ``"layerwise"`` (counts per tensor) or ``"global"`` (one ranking
+      over all sparse tensors, with the summed counts; gathers the sparse
+      tensors into one vector at update steps).
+    optimizer_step_on_update: False: update steps only change masks and rank
+      the weights as they are (original RigL). True: take the optimizer step
+      first, then rank the stepped weights (authors' Sparse-IFT code, and
+      magnitude pruning during training).
+    seed: int or PRNG key: initial masks and tie-breaking.
+    name: Name used in error messages.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`SparseState`.
+
+  Raises:
+    ValueError: for inconsistent options (naming them), an unknown ``scope``
+      or ``distribution``, a mask leaf with no active weight; at ``init``, for
+      mask or density trees that do not match the params.
+  """
   if sum(x is not None for x in (sparsity, densities, masks)) != 1:
-    raise ValueError("give exactly one of sparsity=, densities= or masks= "
+    raise ValueError(f"{name}: give exactly one of sparsity=, densities= or masks= "
                      f"(got sparsity={sparsity!r}, densities={'set' if densities is not None else None}, "
                      f"masks={'set' if masks is not None else None})")
   if sparsity is not None:
     densities_lib.check_sparsity(sparsity)
   if distribution not in densities_lib.DISTRIBUTIONS:
-    raise ValueError(f"distribution must be one of {densities_lib.DISTRIBUTIONS}, got {distribution!r}")
+    raise ValueError(f"{name}: distribution must be one of {densities_lib.DISTRIBUTIONS}, "
+                     f"got {distribution!r}")
+  if scope not in SCOPES:
+    raise ValueError(f"{name}: scope must be one of {SCOPES}, got {scope!r}")
+  if masks is not None:
+    _check_nonempty_masks(masks)
+  is_update_step = (update_schedule.is_update_step
+                    if isinstance(update_schedule, schedules.MaskUpdateSchedule) else update_schedule)
+  if is_update_step is not None and not callable(is_update_step):
+    raise ValueError(f"{name}: update_schedule must be a MaskUpdateSchedule, a function "
+                     f"step -> bool or None, got {update_schedule!r}")
+  pruning = sparsity_progress is not None
+  if is_update_step is None:
+    drop_fraction_fn = None
+  elif pruning:
+    if drop_fraction is not None or grow_score_fn is not None:
+      raise ValueError(f"{name}: sparsity_progress (pruning) excludes drop_fraction= and "
+                       "grow_score_fn=")
+    if masks is not None:
+      raise ValueError(f"{name}: pruning needs sparsity= or densities= (the final counts), "
+                       "not masks=")
+    drop_fraction_fn = None
+  else:
+    if drop_fraction is None and isinstance(update_schedule, schedules.MaskUpdateSchedule):
+      drop_fraction = update_schedule.drop_fraction_at
+    if drop_fraction is None:
+      raise ValueError(f"{name}: give drop_fraction= (a float or an optax schedule)")
+    drop_fraction_fn = _as_step_fn(drop_fraction, f"{name}: drop_fraction")
+  if is_update_step is not None and drop_score_fn is None:
+    raise ValueError(f"{name}: a dynamic method needs a drop_score_fn")
+  if start_dense and not pruning:
+    raise ValueError(f"{name}: start_dense=True needs sparsity_progress= (masks only shrink "
+                     "when pruning)")
   policy = selection.SparsityPolicy() if policy is None else policy
   key_data = _key_data(seed)
   inner = optax.with_extra_args_support(inner)
@@ -120,11 +318,16 @@ def _sparse_transformation(
     # A static mask given explicitly needs no policy; a dynamic method whose
     # policy selects nothing would silently train static masks, so it raises.
     flags = jax.tree.leaves(selection.select_sparse(
-        params, policy, require_any=masks is None or method != "static"))
+        params, policy, require_any=masks is None or is_update_step is not None))
     dens = resolve_densities(params)
     if dens is not None:
       flags = [f and float(d) < 1.0 for f, d in zip(flags, jax.tree.leaves(dens))]
     return flags
+
+  def final_counts(params) -> list[int]:
+    """Static per-leaf active counts that pruning reaches."""
+    return [ops.target_count(float(d), int(np.prod(np.shape(p))))
+            for p, d in zip(jax.tree.leaves(params), jax.tree.leaves(resolve_densities(params)))]
 
   def init_fn(params):
     updatable(params)  # bad policies and density trees fail here, not at the first update
@@ -132,6 +335,8 @@ def _sparse_transformation(
     if masks is not None:
       initial = ops.check_masks(params, masks)
       initial = jax.tree.map(jnp.asarray, initial)
+    elif start_dense:
+      initial = jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params)
     else:
       initial = ops.init_masks(init_key, params, resolve_densities(params))
     return SparseState(
@@ -143,9 +348,19 @@ def _sparse_transformation(
                           num_grown=jnp.zeros((), jnp.int32), num_updates=jnp.zeros((), jnp.int32)),
     )
 
+  def select(keys: list[jax.Array], ks: list[jax.Array], seeds: list[jax.Array]) -> list[jax.Array]:
+    """Top-k per tensor, or over all tensors at once for the global scope."""
+    if scope == "layerwise" or not keys:
+      return topk.select_top_k_many(keys, ks, seeds)
+    sizes = [int(k.size) for k in keys]
+    flat = jnp.concatenate([k.reshape(-1) for k in keys])
+    chosen = topk.select_top_k_many([flat], [sum(ks, jnp.zeros((), jnp.int32))], [seeds[0]])[0]
+    bounds = np.cumsum([0] + sizes)
+    return [chosen[a:b].reshape(k.shape) for a, b, k in zip(bounds[:-1], bounds[1:], keys)]
+
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(f"{method}: update() needs params (the transformation zeroes inactive "
+      raise ValueError(f"{name}: update() needs params (the transformation zeroes inactive "
                        "weights and ranks weights by magnitude)")
     treedef = jax.tree.structure(params)
     grads = ops.conform(params, updates, "updates")
@@ -171,74 +386,93 @@ def _sparse_transformation(
       # The update of an inactive weight is -p, so it is exactly 0 afterwards.
       return jnp.where(m, u, -p).astype(u.dtype)
 
-    if method == "static":
+    if is_update_step is None:
       new_updates = [zero_inactive(u, p, m) for u, p, m in zip(u_leaves, p_leaves, m_leaves)]
       new_state = SparseState(count=state.count + 1, masks=cur_masks, inner_state=inner_state,
                               key=state.key, stats=state.stats)
       return jax.tree.unflatten(treedef, new_updates), new_state
 
     idx = [i for i, flag in enumerate(flags) if flag]
+    idx_set = set(idx)
+    n_final = final_counts(params) if pruning else None
     ever_leaves = treedef.flatten_up_to(state.stats.ever_active)
-    is_update = schedule.is_update_step(state.count)
+    is_update = is_update_step(state.count)
     # Weights ranked for dropping: after the optimizer step (reference code)
     # or as they are (original RigL, which skips that step on update steps).
     step_us = [u if optimizer_step_on_update else jnp.where(is_update, jnp.zeros_like(u), u)
                for u in u_leaves]
 
-    def select_masks(_):
-      # Only the mask selection is under lax.cond: the update itself is the
-      # same elementwise expression on every step, so ordinary steps pay for
-      # a predicate, not for a second copy of the update.
-      drop_frac = schedule.drop_fraction_at(state.count)
+    def target_keep_counts(n_active: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+      """Per tensor (or, globally, in total): weights kept, weights grown."""
+      if pruning:
+        progress = jnp.clip(jnp.asarray(sparsity_progress(state.count), jnp.float32), 0.0, 1.0)
+        sizes = [int(np.prod(p_leaves[i].shape)) for i in idx]
+        finals = [n_final[i] for i in idx]
+        if scope == "global":
+          sizes, finals, n_active = [sum(sizes)], [sum(finals)], [sum(n_active)]
+        keep = [jnp.minimum(n, s - jnp.floor(progress * jnp.float32(s - f) + 0.5).astype(jnp.int32))
+                for n, s, f in zip(n_active, sizes, finals)]
+        return keep, [jnp.zeros((), jnp.int32)] * len(keep)
+      frac = jnp.asarray(drop_fraction_fn(state.count), jnp.float32)
+      if scope == "global":
+        n_active = [sum(n_active)]
+      n_drop = [jnp.floor(frac * n.astype(jnp.float32)).astype(jnp.int32) for n in n_active]
+      grow = n_drop if grow_score_fn is not None else [jnp.zeros((), jnp.int32)] * len(n_drop)
+      return [n - d for n, d in zip(n_active, n_drop)], grow
+
+    def mask_update(_):
       base_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
       seeds = [jax.random.bits(jax.random.fold_in(base_key, i), (2,), jnp.uint32) for i in idx]
-      # Drop: keep the n_active - n_drop largest |w| of every sparse tensor.
+      inputs = [ScoreInputs(weights=p_leaves[i] + step_us[i], grads=g_leaves[i], masks=m_leaves[i],
+                            key=jax.random.fold_in(base_key, 10_000 + i)) for i in idx]
       n_active = [jnp.sum(m_leaves[i], dtype=jnp.int32) for i in idx]
-      n_drop = [jnp.floor(drop_frac * n.astype(jnp.float32)).astype(jnp.int32) for n in n_active]
-      drop_keys = [topk.float_keys(p_leaves[i] + step_us[i], m_leaves[i]) for i in idx]
-      kept = topk.select_top_k_many(drop_keys, [n - d for n, d in zip(n_active, n_drop)],
-                                    [sd[0] for sd in seeds])
-      # Grow: among all positions not kept (just-dropped ones included),
-      # activate the n_drop largest dense |g| (RigL) or random ones (SET).
-      if method == "rigl":
-        grow_keys = [topk.float_keys(g_leaves[i], ~kp) for i, kp in zip(idx, kept)]
+      n_keep, n_grow = target_keep_counts(n_active)
+      drop_keys = [_score_keys(drop_score_fn, x, x.masks) for x in inputs]
+      kept = select(drop_keys, n_keep, [sd[0] for sd in seeds])
+      if grow_score_fn is not None:
+        grow_keys = [_score_keys(grow_score_fn, x, ~kp) for x, kp in zip(inputs, kept)]
+        grown = select(grow_keys, n_grow, [sd[1] for sd in seeds])
+        new_sparse = tuple(kp | gr for kp, gr in zip(kept, grown))
       else:
-        grow_keys = []
-        for i, kp in zip(idx, kept):
-          rand = jax.random.bits(jax.random.fold_in(base_key, 10_000 + i), kp.shape, jnp.uint32) >> 1
-          grow_keys.append(jnp.where(~kp, rand.astype(jnp.int32), topk.EXCLUDED))
-      grown = topk.select_top_k_many(grow_keys, n_drop, [sd[1] for sd in seeds])
-      new_sparse = tuple(kp | gr for kp, gr in zip(kept, grown))
+        new_sparse = tuple(kept)
       n_dropped = sum((jnp.sum(m_leaves[i] & ~nm, dtype=jnp.int32) for i, nm in zip(idx, new_sparse)),
                       jnp.zeros((), jnp.int32))
       n_grown = sum((jnp.sum(nm & ~m_leaves[i], dtype=jnp.int32) for i, nm in zip(idx, new_sparse)),
                     jnp.zeros((), jnp.int32))
       new_ever = tuple(ever_leaves[i] | nm for i, nm in zip(idx, new_sparse))
-      return new_sparse, new_ever, n_dropped, n_grown
+      # Only an update step changes which weights are active, so only it
+      # resets moments (and, without the optimizer step, restores the
+      # previous inner state).
+      base = inner_state if optimizer_step_on_update else state.inner_state
+      both = list(m_leaves)
+      for j, i in enumerate(idx):
+        both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
+      keep_tree = jax.tree.unflatten(treedef, [both[i] if i in idx_set else True
+                                               for i in range(len(both))])
+      # optax.masked / multi_transform states hold MaskedNode where a param is
+      # not theirs: those are leaves to leave alone, not subtrees to map over.
+      reset = optax.tree_map_params(inner, _reset_moments, base, keep_tree,
+                                    is_leaf=lambda v: isinstance(v, optax.MaskedNode))
+      return new_sparse, new_ever, n_dropped, n_grown, jax.tree.map(_like, reset, inner_state)
 
-    def keep_masks(_):
+    def ordinary(_):
+      # On ordinary steps the masks and the inner state pass through: no pass
+      # over the moments beyond the optimizer's own, no selection.
       zero = jnp.zeros((), jnp.int32)
-      return (tuple(m_leaves[i] for i in idx), tuple(ever_leaves[i] for i in idx), zero, zero)
+      return (tuple(m_leaves[i] for i in idx), tuple(ever_leaves[i] for i in idx), zero, zero,
+              inner_state)
 
-    new_sparse, new_ever, n_drop, n_grow = lax.cond(is_update, select_masks, keep_masks, None)
+    # One lax.cond per step (each costs a predicate read): selection and
+    # moment reset together.
+    new_sparse, new_ever, n_drop, n_grow, new_inner = lax.cond(is_update, mask_update, ordinary,
+                                                               None)
 
     new_masks, both, ever = list(m_leaves), list(m_leaves), list(ever_leaves)
     for j, i in enumerate(idx):
       new_masks[i] = new_sparse[j]
-      both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
+      both[i] = new_sparse[j] & m_leaves[i]
       ever[i] = new_ever[j]
     new_updates = [zero_inactive(su, p, b) for su, p, b in zip(step_us, p_leaves, both)]
-    if optimizer_step_on_update:
-      base_inner = inner_state
-    else:
-      base_inner = jax.tree.map(lambda new, old: jnp.where(is_update, old, new), inner_state,
-                                state.inner_state)
-    keep_tree = jax.tree.unflatten(treedef, [both[i] if i in set(idx) else True
-                                             for i in range(len(both))])
-    # optax.masked / multi_transform states hold MaskedNode where a param is
-    # not theirs: those are leaves to leave alone, not subtrees to map over.
-    new_inner = optax.tree_map_params(inner, _reset_moments, base_inner, keep_tree,
-                                      is_leaf=lambda v: isinstance(v, optax.MaskedNode))
     did_update = is_update.astype(jnp.int32)
     stats = SparseStats(
         ever_active=jax.tree.unflatten(treedef, ever),
@@ -250,6 +484,13 @@ def _sparse_transformation(
     return jax.tree.unflatten(treedef, new_updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _like(value: Any, template: Any) -> Any:
+  """``value`` with ``template``'s dtype, so both ``lax.cond`` branches agree."""
+  if hasattr(template, "dtype") and hasattr(value, "dtype"):
+    return jnp.asarray(value, template.dtype)
+  return value
 
 
 def _reset_moments(value: Any, keep: Any) -> Any:
@@ -268,7 +509,7 @@ def static_sparse(inner: optax.GradientTransformation, *, sparsity: Optional[flo
                   densities: Any = None, masks: Any = None,
                   policy: Optional[selection.SparsityPolicy] = None, distribution: str = "uniform",
                   seed: Union[int, jax.Array] = 0) -> optax.GradientTransformationExtraArgs:
-  """Sparse training with a fixed random mask.
+  """Sparse training with a fixed random mask: :func:`dynamic_sparse` without updates.
 
   Args:
     inner: Any optax optimizer; it sees masked gradients.
@@ -283,9 +524,9 @@ def static_sparse(inner: optax.GradientTransformation, *, sparsity: Optional[flo
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`SparseState`.
   """
-  return _sparse_transformation(inner, method="static", sparsity=sparsity, densities=densities,
-                                masks=masks, policy=policy, distribution=distribution,
-                                schedule=None, optimizer_step_on_update=True, seed=seed)
+  return dynamic_sparse(inner, drop_score_fn=None, update_schedule=None, sparsity=sparsity,
+                        densities=densities, masks=masks, policy=policy, distribution=distribution,
+                        seed=seed, name="static_sparse")
 
 
 def set_sparse(inner: optax.GradientTransformation, *, sparsity: Optional[float] = None,
@@ -298,15 +539,17 @@ def set_sparse(inner: optax.GradientTransformation, *, sparsity: Optional[float]
                seed: Union[int, jax.Array] = 0) -> optax.GradientTransformationExtraArgs:
   """Sparse Evolutionary Training: drop by magnitude, regrow at random.
 
-  Same options as :func:`rigl`; growth needs no gradient.
+  Same options as :func:`rigl`; growth needs no gradient. A thin factory over
+  :func:`dynamic_sparse` with :func:`magnitude_score` and :func:`random_score`.
   """
   schedule = schedules.make_mask_update_schedule(
       update_every=update_every, start_step=start_step, end_step=end_step, total_steps=total_steps,
       end_fraction=end_fraction, drop_fraction=drop_fraction, drop_schedule=drop_schedule)
-  return _sparse_transformation(inner, method="set", sparsity=sparsity, densities=densities,
-                                masks=masks, policy=policy, distribution=distribution,
-                                schedule=schedule, optimizer_step_on_update=optimizer_step_on_update,
-                                seed=seed)
+  return dynamic_sparse(inner, drop_score_fn=magnitude_score, grow_score_fn=random_score,
+                        drop_fraction=schedule.drop_fraction_at, update_schedule=schedule,
+                        sparsity=sparsity, densities=densities, masks=masks, policy=policy,
+                        distribution=distribution, optimizer_step_on_update=optimizer_step_on_update,
+                        seed=seed, name="set_sparse")
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = None,
@@ -317,6 +560,9 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = Non
          drop_schedule: str = "cosine", optimizer_step_on_update: bool = False,
          seed: Union[int, jax.Array] = 0) -> optax.GradientTransformationExtraArgs:
   """RigL: drop the smallest-magnitude weights, grow where the dense gradient is largest.
+
+  A thin factory over :func:`dynamic_sparse` with :func:`magnitude_score` and
+  :func:`gradient_score`.
 
   At every update step ``t`` (``start_step <= t < end_step``, every
   ``update_every`` steps), for each sparse tensor: ``n_drop = floor(f(t) *
@@ -374,10 +620,11 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = Non
   schedule = schedules.make_mask_update_schedule(
       update_every=update_every, start_step=start_step, end_step=end_step, total_steps=total_steps,
       end_fraction=end_fraction, drop_fraction=drop_fraction, drop_schedule=drop_schedule)
-  return _sparse_transformation(inner, method="rigl", sparsity=sparsity, densities=densities,
-                                masks=masks, policy=policy, distribution=distribution,
-                                schedule=schedule, optimizer_step_on_update=optimizer_step_on_update,
-                                seed=seed)
+  return dynamic_sparse(inner, drop_score_fn=magnitude_score, grow_score_fn=gradient_score,
+                        drop_fraction=schedule.drop_fraction_at, update_schedule=schedule,
+                        sparsity=sparsity, densities=densities, masks=masks, policy=policy,
+                        distribution=distribution, optimizer_step_on_update=optimizer_step_on_update,
+                        seed=seed, name="rigl")
 
 
 def get_sparse_state(opt_state: Any) -> SparseState:

@@ -21,13 +21,22 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from sift_jax.masks.densities import DISTRIBUTIONS
+from sift_jax.optim.schedules import DROP_SCHEDULES
+from sift_jax.optim.sparse import SCOPES
+from sift_jax.training import optimizers
+
 __all__ = ["default_config", "validate_config", "apply_overrides", "flatten_config", "check_key",
            "resume_config", "resume_differences", "RESUME_OPERATIONAL_KEYS", "FREE_SECTIONS",
            "OPTIMIZERS", "SCHEDULES", "SPARSE_METHODS", "COMPUTE_DTYPES", "FAMILIES"]
 
-OPTIMIZERS = ("sgd", "nesterov", "adamw")
-SCHEDULES = ("constant", "step", "multistep", "cosine")
-SPARSE_METHODS = ("none", "static", "set", "rigl")
+# The names come from the builder tables, so a method, optimizer or schedule
+# added there is known here too.
+OPTIMIZERS = tuple(optimizers.OPTIMIZER_BUILDERS)
+SCHEDULES = tuple(optimizers.SCHEDULE_BUILDERS)
+SPARSE_METHODS = ("none",) + tuple(optimizers.SPARSE_METHOD_BUILDERS)
+# Methods that rank all sparse tensors together when sparse.scope == "global".
+GLOBAL_SCOPE_METHODS = ("gmp", "oneshot")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Sections whose keys depend on the model / dataset: free-form.
 FREE_SECTIONS = ("model.kwargs", "dataset.options")
@@ -82,9 +91,18 @@ def default_config() -> ml_collections.ConfigDict:
     model.name / family / sparsity: passed to :func:`sift_jax.models.get_model`
       (``family`` is the Sparse-IFT member, ``sparsity`` its ``s``).
     model.kwargs: Extra keyword arguments of the model (width, depth...).
-    sparse.method: ``rigl``, ``set``, ``static`` or ``none`` (dense training;
-      forced for ``model.sparsity == 0``).
-    sparse.*: RigL / SET options (docs/method.md; Evci et al. 2020), see :func:`sift_jax.rigl`.
+    sparse.method: ``rigl``, ``set``, ``static``, ``gmp`` (gradual magnitude
+      pruning, dense to target, :func:`sift_jax.optim.gradual_magnitude_pruning`),
+      ``oneshot`` (magnitude pruning at ``sparse.start_step``,
+      :func:`sift_jax.optim.oneshot_magnitude_pruning`) or ``none`` (dense
+      training; forced for ``model.sparsity == 0``).
+    sparse.*: RigL / SET options (docs/method.md, "RigL"), see
+      :func:`sift_jax.rigl`. ``gmp`` reads ``update_every``, ``start_step``,
+      ``end_fraction`` (the target is reached at ``end_fraction *
+      total_steps``) and ``optimizer_step_on_update``; ``oneshot`` prunes at
+      ``start_step``.
+    sparse.scope: ``layerwise`` or ``global`` (``gmp`` and ``oneshot`` only:
+      one magnitude ranking over all sparse tensors).
     optimizer.name: ``sgd``, ``nesterov`` (SGD with Nesterov momentum) or
       ``adamw``.
     optimizer.weight_decay_exclude: Regex; parameters whose path matches get
@@ -136,6 +154,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sparse.drop_fraction = 0.3
   c.sparse.drop_schedule = "cosine"
   c.sparse.optimizer_step_on_update = False
+  c.sparse.scope = "layerwise"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -337,6 +356,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          "a Sparse-IFT member needs model.sparsity > 0")
   _check(c.sparse.method in SPARSE_METHODS, "sparse.method", c.sparse.method,
          f"must be one of {SPARSE_METHODS}")
+  _check(c.sparse.distribution in DISTRIBUTIONS, "sparse.distribution", c.sparse.distribution,
+         f"must be one of {DISTRIBUTIONS}")
+  _check(c.sparse.drop_schedule in DROP_SCHEDULES, "sparse.drop_schedule", c.sparse.drop_schedule,
+         f"must be one of {DROP_SCHEDULES}")
+  _check(c.sparse.scope in SCOPES, "sparse.scope", c.sparse.scope, f"must be one of {SCOPES}")
+  _check(c.sparse.scope == "layerwise" or c.sparse.method in GLOBAL_SCOPE_METHODS, "sparse.scope",
+         c.sparse.scope, f"is only supported by sparse.method in {GLOBAL_SCOPE_METHODS}, "
+         f"not {c.sparse.method!r}")
   _check(c.optimizer.name in OPTIMIZERS, "optimizer.name", c.optimizer.name,
          f"must be one of {OPTIMIZERS}")
   _check(float(c.optimizer.learning_rate) > 0, "optimizer.learning_rate", c.optimizer.learning_rate,

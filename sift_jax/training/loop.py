@@ -470,7 +470,7 @@ def _mask_densities(masks: Any) -> Any:
 
 
 def _flops_report(funcs: RunFunctions, state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Training FLOPs of the run and of the untransformed dense baseline (docs/method.md).
+  """Training FLOPs of the run and of the untransformed dense baseline (docs/method.md, section 5).
 
   FLOPs = 2 x MACs; forward costs are per example from
   :func:`sift_jax.flops.model_report` with the run's final masks. The run's

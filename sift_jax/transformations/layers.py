@@ -27,7 +27,7 @@ input shape and ``sparsity`` with the rules of
 it is the template with more output features (:func:`widen`).
 
 Which of these weights are masked is decided by a
-:class:`sift_jax.masks.SparsityPolicy` (docs/method.md); the layers themselves
+:class:`sift_jax.masks.SparsityPolicy` (docs/method.md, section 3); the layers themselves
 are dense Flax layers, so masking stays outside the model (in the optimizer
 transforms of :mod:`sift_jax`).
 """
@@ -159,7 +159,7 @@ class SparseParallel(nn.Module):
   """Sparse Parallel: ``n`` copies of the layer on the same input, outputs summed.
 
   Each branch is trained sparse at ``s``; with ``n = 1/d`` branches the sparse
-  FLOPs equal the dense layer's (docs/method.md). With ``num_branches=1`` and
+  FLOPs equal the dense layer's (docs/method.md, section 2). With ``num_branches=1`` and
   no norm the layer computes exactly the template.
 
   The reference implementation gives each branch its own BatchNorm and, in its
@@ -209,7 +209,7 @@ class SparseFactorized(nn.Module):
   """Sparse Factorized: ``W -> U V`` with ``U: D_in x r`` and ``V: r x D_out``.
 
   Both factors are trained sparse at ``s``; ``r = D_in*D_out / (d*(D_in+D_out))``
-  keeps the sparse FLOPs equal to the dense layer's (docs/method.md). For a
+  keeps the sparse FLOPs equal to the dense layer's (docs/method.md, section 2). For a
   convolution ``U`` is the template's k x k convolution (with its stride and
   padding) to ``r`` channels and ``V`` a 1x1 convolution, as in the reference.
   With ``mid="linear"`` and ``r >= min(D_in, D_out)`` the layer can represent
@@ -313,7 +313,7 @@ class SparseDoped(nn.Module):
 
   ``S`` (a copy of the template) is trained sparse at ``s``; ``U V`` is a dense
   low-rank path with ``r = s * D_in*D_out / (D_in + D_out)``, so the total
-  FLOPs equal the dense layer's (docs/method.md). No nonlinearity sits between
+  FLOPs equal the dense layer's (docs/method.md, section 2). No nonlinearity sits between
   ``U`` and ``V``. ``alpha`` is a constant: ``1 / (2 sqrt(1 + D_out/D_in))``
   with the default ``low_rank_init="step_matched"``, which starts
   ``S + alpha U V`` at a dense layer's variance and SGD step size (the

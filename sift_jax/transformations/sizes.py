@@ -4,9 +4,9 @@ Every function here is pure Python on integers and floats, so it can be used to
 plan a model before any array exists. ``D_in x D_out`` is the shape of the
 dense weight a member replaces; for a convolution with kernel ``k_1 x .. x k_n``
 and ``C_in -> C_out`` channels, ``D_in = k_1 * .. * k_n * C_in`` and
-``D_out = C_out`` (SPEC section 2). ``d = 1 - s`` is the density.
+``D_out = C_out`` (docs/method.md, section 2). ``d = 1 - s`` is the density.
 
-Two rule sets exist (SPEC section 2):
+Two rule sets exist (docs/method.md, section 2):
 
 * the paper's (default): exact formulas, rounded to the nearest multiple of
   ``round_to`` (ties up) and to at least one multiple. The whole model's

@@ -21,7 +21,7 @@ Which layers are transformed:
 * ``layers`` (regexes on the layer path, e.g. ``"block/mlp"``) if given;
 * otherwise, for Parallel, Factorized and Doped, every layer whose kernel the
   user's ``policy`` would make sparse (so a policy that keeps the stem and the
-  classifier dense also keeps them untransformed, docs/method.md);
+  classifier dense also keeps them untransformed, docs/method.md, section 3);
 * for Sparse Wide, every layer: each one's output features grow by
   ``k_sw = sqrt(1/d)`` except the ``output_layers``, and inputs follow
   because Flax creates kernels from the input shape. Without
