@@ -492,7 +492,8 @@ def _flops_report(funcs: RunFunctions, state: Any, config: ml_collections.Config
   common = dict(total_steps=funcs.total_steps, batch_size=int(config.training.batch_size))
   run = flops_lib.training_flops(2.0 * report.sparse_macs, 2.0 * report.dense_macs, method=method,
                                  update_every=int(config.sparse.update_every),
-                                 end_fraction=float(config.sparse.end_fraction), **common)
+                                 end_fraction=float(config.sparse.end_fraction),
+                                 start_step=int(config.sparse.start_step), **common)
   base_macs = report.base_dense_macs if report.base_dense_macs else report.dense_macs
   dense = flops_lib.training_flops(2.0 * base_macs, 2.0 * base_macs, method="dense", **common)
   return {"train_flops": run.total, "dense_train_flops": dense.total,
