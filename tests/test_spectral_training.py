@@ -30,7 +30,8 @@ def test_spectral_metrics_logged_every_n_steps_with_trajectory_plot(tmp_path):
   # Step 0 is the initial masks, where the trajectory starts.
   assert [r["step"] for r in spectral_rows] == [0, 4, 8, 12]
   for r in spectral_rows:
-    assert r["num_layers"] == 2  # the two transformed hidden layers are masked
+    # Sparse Wide masks the MLP's widened stem as well as the two transformed hidden layers.
+    assert r["num_layers"] == 3
     assert np.isfinite(r["ramanujan_gap"]) and np.isfinite(r["weighted_spectral_gap"])
     assert set(r) - {"step", "split"} <= set(spectral.SUMMARY_KEYS) | {"num_layers", "num_valid"}
   # RigL changed the masks between the logged steps.
