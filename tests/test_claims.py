@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -111,11 +112,19 @@ def test_claims_arguments():
 def test_main_job_runs_the_claims_benchmark_quick(tmp_path):
   results = tmp_path / "results"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MPLBACKEND="Agg")
-  out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "main.py"), "--quick",
-                        "--jobs", "2", "--workdir", str(tmp_path / "runs"), "--results", str(results)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "## Verdicts at s = 0.9" in out.stdout
+  # A session of its own: on a timeout the job's worker processes are killed with it.
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "experiments", "main.py"), "--quick",
+                           "--jobs", "2", "--workdir", str(tmp_path / "runs"), "--results",
+                           str(results)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=600)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "## Verdicts at s = 0.9" in stdout
   data = json.loads((results / "results.json").read_text())
   assert data["quick"] and data["num_runs"] == 6 and data["seeds"] == [0, 1]
   assert data["ci_method"].startswith("Welch t")
