@@ -1,9 +1,12 @@
 """The paper's models: golden sizes (SPEC section 5), reference options, policies, training."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 
 from sift_jax import flops, models
@@ -96,10 +99,43 @@ def test_reference_parallel_norm_per_branch():
   imagenet = models.get_model("resnet18_imagenet", family="sparse_parallel", sparsity=0.75,
                               reference=True)
   assert imagenet.module.sift.parallel_activation is nn.relu
-  paper = models.get_model("resnet18_cifar", family="sparse_parallel", sparsity=0.75)
+  # Per-branch BatchNorms are the default with the paper's sizes too (they break the symmetry
+  # of the branches under RigL); parallel_norm=False is the paper's plain sum and the block's BN.
+  default = models.get_model("resnet18_cifar", family="sparse_parallel", sparsity=0.75)
+  paths = tree_paths.leaf_paths(default.abstract_variables()["params"])
+  assert "layer1_0/conv1/branch_3_norm/scale" in paths
+  assert not any(p.startswith("layer1_0/bn1/") for p in paths)
+  assert default.info["branches"]["layer4_1/conv2"] == 4
+  paper = models.get_model("resnet18_cifar", family="sparse_parallel", sparsity=0.75,
+                           parallel_norm=False)
   paths = tree_paths.leaf_paths(paper.abstract_variables()["params"])
   assert "layer1_0/bn1/scale" in paths and not any("_norm/" in p for p in paths)
   assert paper.info["branches"]["layer4_1/conv2"] == 4
+  with pytest.raises(ValueError, match="parallel_norm=False contradicts"):
+    models.get_model("resnet18_cifar", family="sparse_parallel", sparsity=0.75, reference=True,
+                     parallel_norm=False)
+  with pytest.raises(ValueError, match="parallel_norm must be True or False, got 'no'"):
+    models.get_model("mlp_mnist1d", family="sparse_parallel", sparsity=0.75, parallel_norm="no")
+
+
+@pytest.mark.parametrize("name,norm_keys", [
+    ("mlp_mnist1d", {"bias", "scale"}),      # BatchNorm per branch (foldable, measured best)
+    ("cnn_mnist1d", {"bias", "scale"}),
+    ("gpt_tiny", {"bias", "scale"}),          # LayerNorm per branch
+])
+def test_parallel_branch_norms_by_default(name, norm_keys):
+  spec = models.get_model(name, family="sparse_parallel", sparsity=0.75)
+  variables = spec.abstract_variables()
+  paths = tree_paths.leaf_paths(variables["params"])
+  branch_norms = [p for p in paths if re.search(r"/branch_\d+_norm/", p)]
+  kernels = [p for p in paths if re.search(r"/branch_\d+/kernel$", p)]
+  assert kernels and len(branch_norms) == 2 * len(kernels)
+  assert {p.rsplit("/", 1)[1] for p in branch_norms} == norm_keys
+  stats = tree_paths.leaf_paths(variables.get("batch_stats", {}))
+  has_bn_stats = any("_norm/" in p for p in stats)
+  assert has_bn_stats == (name != "gpt_tiny")
+  # The norm that followed the layer is replaced, not stacked (CNN's bn_{i}).
+  assert not any(re.match(r"bn_\d+/", p) for p in paths)
 
 
 def _sparse_flags(spec):

@@ -327,9 +327,13 @@ def test_transform_dense_family_is_the_original():
 
 
 def test_transform_parallel_with_one_branch_reproduces_the_original():
-  # s = 0.3: 1/(1-s) = 1.43 -> one branch per layer, the same function as the original.
+  # s = 0.3: 1/(1-s) = 1.43 -> one branch per layer; without the (default) branch norm that
+  # is the same function as the original.
   model = UserNet()
-  sift = transform(model, family="sparse_parallel", sparsity=0.3, policy=USER_POLICY)
+  with_norm = transform(model, family="sparse_parallel", sparsity=0.3, policy=USER_POLICY)
+  assert "branch_0_norm" in jax.eval_shape(with_norm.init, jax.random.key(0), X_USER)["params"]["Dense_0"]
+  sift = transform(model, family="sparse_parallel", sparsity=0.3, policy=USER_POLICY,
+                   parallel_norm=False)
   v = jax.eval_shape(sift.init, jax.random.key(0), X_USER)
   ref = _random_init(model, X_USER, seed=5)["params"]
   remapped = {name: ({"branch_0": ref[name]} if "branch_0" in v["params"][name] else ref[name])
@@ -582,23 +586,30 @@ def test_parallel_branch_norm_and_activation_in_the_drop_in_transform():
       return nn.Dense(4, name="fc")(x)
 
   x = jax.random.normal(jax.random.key(7), (3, 5))
-  sift = transform(Single(), family="sparse_parallel", sparsity=0.5, parallel_activation=nn.relu)
+  sift = transform(Single(), family="sparse_parallel", sparsity=0.5, parallel_norm=False,
+                   parallel_activation=nn.relu)
   v = _random_init(sift, x)
   assert sorted(v["params"]["fc"]) == ["branch_0", "branch_1"]
   # ReLU inside each branch, then the sum (the reference ImageNet blocks' placement).
   expect = sum(nn.relu(x @ v["params"]["fc"][b]["kernel"] + v["params"]["fc"][b]["bias"])
                for b in ("branch_0", "branch_1"))
   np.testing.assert_allclose(sift.apply(v, x), expect, rtol=1e-6)
-  normed = transform(Single(), family="sparse_parallel", sparsity=0.5, parallel_norm=True,
-                     parallel_activation=nn.relu)
-  paths = tree_paths.leaf_paths(jax.eval_shape(normed.init, jax.random.key(0), x)["params"])
-  assert paths == ["fc/branch_0/bias", "fc/branch_0/kernel", "fc/branch_0_norm/bias",
-                   "fc/branch_0_norm/scale", "fc/branch_1/bias", "fc/branch_1/kernel",
-                   "fc/branch_1_norm/bias", "fc/branch_1_norm/scale"]
-  # reference=True changes sizes, masks and the re-fit, not where norms sit: no branch norm.
+  # The default: a LayerNorm on every branch, before the activation and the sum.
+  normed = transform(Single(), family="sparse_parallel", sparsity=0.5, parallel_activation=nn.relu)
+  vn = _random_init(normed, x)
+  normed_paths = tree_paths.leaf_paths(vn["params"])
+  assert normed_paths == ["fc/branch_0/bias", "fc/branch_0/kernel", "fc/branch_0_norm/bias",
+                          "fc/branch_0_norm/scale", "fc/branch_1/bias", "fc/branch_1/kernel",
+                          "fc/branch_1_norm/bias", "fc/branch_1_norm/scale"]
+  p = vn["params"]["fc"]
+  expect = sum(nn.relu(nn.LayerNorm().apply({"params": p[f"{b}_norm"]},
+                                            x @ p[b]["kernel"] + p[b]["bias"]))
+               for b in ("branch_0", "branch_1"))
+  np.testing.assert_allclose(normed.apply(vn, x), expect, rtol=1e-5, atol=1e-6)
+  # reference=True changes sizes, masks and the re-fit, not where norms sit.
   ref = transform(Single(), family="sparse_parallel", sparsity=0.5, reference=True)
   paths = tree_paths.leaf_paths(jax.eval_shape(ref.init, jax.random.key(0), x)["params"])
-  assert not any("_norm" in p for p in paths) and len(paths) == 4
+  assert paths == normed_paths
 
 
 class Tiny(nn.Module):

@@ -4,7 +4,7 @@
 heads, context 2048, GPT-2 BPE vocabulary of 50,257, learned position
 embeddings, GELU MLP of width 4 x 768, untied LM head without bias.
 
-Sparse-IFT (SPEC section 3): the attention projections ``query``, ``key``,
+Sparse-IFT (docs/method.md): the attention projections ``query``, ``key``,
 ``value``, ``out`` and both MLP layers ``fc1``, ``fc2`` of every block are
 transformed and sparse; the embeddings, the LayerNorms and the LM head stay
 dense. Sparse Wide widens the block-internal widths, the attention inner

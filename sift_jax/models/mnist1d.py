@@ -1,6 +1,6 @@
 """Small MNIST-1D models (Greydanus, 2020): 40-sample signals, 10 classes.
 
-Both follow the ResNet rule of SPEC section 3: the first layer (``stem``,
+Both follow the ResNet rule of docs/method.md: the first layer (``stem``,
 fed by the raw input) and the classifier (``head``) are dense and not
 transformed; the hidden layers in between are transformed and sparse. Under
 Sparse Wide every hidden width grows.
@@ -75,6 +75,7 @@ class CNN1D(nn.Module):
     for i, (c, s) in enumerate(zip(self.channels, self.strides)):
       x = self.sift.layer(nn.Conv, c, (3,), strides=s, padding=((1, 1),), use_bias=False,
                           name=f"conv_{i}", use_running_average=not train)(x)
-      x = nn.relu(bn(f"bn_{i}")(x))
+      # Sparse Parallel's per-branch BatchNorms take the place of bn_{i} (reference blocks).
+      x = nn.relu(x if self.sift.branch_norms else bn(f"bn_{i}")(x))
     x = jnp.mean(x, axis=1)
     return nn.Dense(self.num_classes, name="head")(x)

@@ -11,7 +11,7 @@ channels, are transformed and masked; they hold almost all of the MACs. The
 filter has only 9 weights per channel, the Factorized/Doped rank formulas do
 not apply to grouped convolutions, and sparsifying them saves almost no FLOPs
 (the reference offers the same as ``sp_use_layer_specialization``). The stem
-and the classifier are dense (SPEC section 3). Under Sparse Wide every
+and the classifier are dense (docs/method.md). Under Sparse Wide every
 channel count grows (depthwise channels follow their input).
 
 Parameter names: ``stem``, ``stem_bn``, ``block{i}/expand``, ``expand_bn``,
@@ -43,6 +43,11 @@ def _bn(name: str, train: bool) -> nn.BatchNorm:
                       epsilon=layers_lib.BATCH_NORM_EPSILON, name=name)
 
 
+def _after_sift(sift: FamilyConfig, name: str, train: bool, y: jnp.ndarray) -> jnp.ndarray:
+  """The BatchNorm after a transformed convolution, unless Parallel's branch norms replace it."""
+  return y if sift.branch_norms else _bn(name, train)(y)
+
+
 class _InvertedResidual(nn.Module):
   out_channels: int
   strides: int
@@ -57,13 +62,13 @@ class _InvertedResidual(nn.Module):
     if self.expansion != 1:
       y = self.sift.layer(nn.Conv, hidden, (1, 1), use_bias=False, kernel_init=_CONV_INIT,
                           name="expand", use_running_average=not train)(y)
-      y = nn.relu6(_bn("expand_bn", train)(y))
+      y = nn.relu6(_after_sift(self.sift, "expand_bn", train, y))
     y = nn.Conv(hidden, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)),
                 feature_group_count=hidden, use_bias=False, kernel_init=_CONV_INIT, name="dw")(y)
     y = nn.relu6(_bn("dw_bn", train)(y))
     y = self.sift.layer(nn.Conv, self.out_channels, (1, 1), use_bias=False, kernel_init=_CONV_INIT,
                         name="project", use_running_average=not train)(y)
-    y = _bn("project_bn", train)(y)
+    y = _after_sift(self.sift, "project_bn", train, y)
     if self.strides == 1 and in_channels == self.out_channels:
       y = y + x
     return y
@@ -98,6 +103,6 @@ class MobileNetV2(nn.Module):
         index += 1
     x = self.sift.layer(nn.Conv, self.last_width, (1, 1), use_bias=False, kernel_init=_CONV_INIT,
                         name="conv_last", use_running_average=not train)(x)
-    x = nn.relu6(_bn("conv_last_bn", train)(x))
+    x = nn.relu6(_after_sift(self.sift, "conv_last_bn", train, x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01), name="head")(x)

@@ -1,7 +1,7 @@
 """Model registry: the paper's models as :class:`ModelSpec` for any Sparse-IFT member.
 
 ``get_model(name, family=..., sparsity=...)`` builds the Linen module, the mask
-policy of SPEC section 3 for the transformed parameters, and solves the mask
+policy of docs/method.md for the transformed parameters, and solves the mask
 sparsity that makes the sparse forward MACs equal the dense model's
 (:mod:`sift_jax.transformations.isoflop`). The training code then uses::
 
@@ -170,8 +170,19 @@ class _Built:
   widths: Mapping[str, Any]
 
 
+def _image_shape(name: str, input_shape: Optional[tuple[int, ...]], default: tuple[int, ...]
+                 ) -> tuple[int, ...]:
+  """``(H, W, C)`` of a 2-D convnet: the data's, or the model's default."""
+  if input_shape is None:
+    return default
+  if len(input_shape) != 3:
+    raise ValueError(f"{name} takes images of shape (height, width, channels), got input_shape="
+                     f"{tuple(input_shape)}")
+  return tuple(input_shape)
+
+
 def _resnet_builder(stage_sizes, *, bottleneck: bool, cifar: bool, default_classes: int):
-  def build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+  def build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
     n_cls = default_classes if num_classes is None else num_classes
     base = (64, 128, 256, 512)
     if cfg.family == "sparse_wide" and cfg.reference:
@@ -189,13 +200,14 @@ def _resnet_builder(stage_sizes, *, bottleneck: bool, cifar: bool, default_class
     module = resnet_lib.ResNet(stage_sizes=tuple(stage_sizes), widths=widths, stem_width=widths[0],
                                num_classes=n_cls, bottleneck=bottleneck, cifar_stem=cifar, sift=cfg,
                                zero_init_residual=zero_init)
-    shape = (32, 32, 3) if cifar else (224, 224, 3)
+    shape = _image_shape("ResNet", input_shape, (32, 32, 3) if cifar else (224, 224, 3))
     return _Built(module, shape, jnp.float32, "classification", n_cls, None,
                   (r"^stem/", r"^head/"), {"stem": widths[0], "stages": list(widths)})
   return build
 
 
-def _mobilenet_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+def _mobilenet_build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict
+                     ) -> _Built:
   n_cls = 1000 if num_classes is None else num_classes
   stem = cfg.width(32, what="stem width")
   blocks = tuple(cfg.width(c, what=f"stage {i} width")
@@ -203,17 +215,22 @@ def _mobilenet_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) ->
   last = cfg.width(1280, what="last width")
   module = mobilenet_lib.MobileNetV2(num_classes=n_cls, stem_width=stem, block_widths=blocks,
                                      last_width=last, sift=cfg)
-  return _Built(module, (224, 224, 3), jnp.float32, "classification", n_cls, None,
-                (r"^stem/", r"^head/", r"/dw/"),
+  return _Built(module, _image_shape("MobileNetV2", input_shape, (224, 224, 3)), jnp.float32,
+                "classification", n_cls, None, (r"^stem/", r"^head/", r"/dw/"),
                 {"stem": stem, "stages": list(blocks), "last": last})
 
 
 def _gpt_builder(*, depth: int, width: int, heads: int, context: int, vocab: int):
-  def build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+  def build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
     if num_classes is not None:
       raise ValueError(f"GPT models are language models; num_classes={num_classes!r} does not "
                        "apply (use vocab_size=)")
     ctx = int(kw.get("context", context))
+    if input_shape is not None:
+      if len(input_shape) != 1 or ("context" in kw and int(input_shape[0]) != ctx):
+        raise ValueError(f"GPT models take token sequences of shape (context,), got input_shape="
+                         f"{tuple(input_shape)} (context={kw.get('context')!r})")
+      ctx = int(input_shape[0])
     voc = int(kw.get("vocab_size", vocab))
     if ctx < 1 or voc < 1:
       raise ValueError(f"context and vocab_size must be positive, got {ctx}, {voc}")
@@ -228,18 +245,51 @@ def _gpt_builder(*, depth: int, width: int, heads: int, context: int, vocab: int
   return build
 
 
-def _mlp_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+def _mlp_dense_layers(cfg: FamilyConfig) -> tuple[str, ...]:
+  """Policy regexes of the MLP layers that stay dense.
+
+  The stem and the head are dense and untransformed (docs/method.md), except
+  under Sparse Wide: it widens the stem's output by ``k = sqrt(1/d)``, and a
+  dense stem would then cost ``k`` times its dense MACs, more than the whole
+  budget once the input is wide (64 pixels at s = 0.9, 784 at any s). So under
+  Sparse Wide the stem keeps its input width, has ``k`` times the outputs and
+  is masked at the solved sparsity like the hidden layers: it costs
+  ``d * k = sqrt(d)`` of its dense MACs. The head (``k`` times the inputs,
+  fixed outputs) stays dense, as in the ResNets.
+  """
+  if cfg.family == "sparse_wide":
+    return (r"^head/",)
+  return (r"^stem/", r"^head/")
+
+
+def _mlp_build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
   n_cls = 10 if num_classes is None else num_classes
   hidden = tuple(int(h) for h in kw.get("hidden", (256, 256, 256)))
   if len(hidden) < 2:
     raise ValueError(f"mlp_mnist1d needs at least two hidden widths, got hidden={hidden}")
   widths = tuple(cfg.width(h, what=f"hidden width {i}") for i, h in enumerate(hidden))
   module = mnist1d_lib.MLP(hidden=widths, num_classes=n_cls, sift=cfg)
-  return _Built(module, (40,), jnp.float32, "classification", n_cls, None,
-                (r"^stem/", r"^head/"), {"hidden": list(widths)})
+  # Any input shape: the MLP flattens it.
+  shape = (40,) if input_shape is None else tuple(input_shape)
+  return _Built(module, shape, jnp.float32, "classification", n_cls, None,
+                _mlp_dense_layers(cfg), {"hidden": list(widths)})
 
 
-def _cnn_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Built:
+def _signal_shape(input_shape: Optional[tuple[int, ...]]) -> tuple[int, int]:
+  """``(length, channels)`` of the 1-D CNN: signals as they are, images scanned row by row."""
+  if input_shape is None:
+    return (40, 1)
+  if len(input_shape) == 1:
+    return (int(input_shape[0]), 1)
+  if len(input_shape) == 2:
+    return tuple(int(d) for d in input_shape)
+  if len(input_shape) == 3:
+    return (int(input_shape[0]) * int(input_shape[1]), int(input_shape[2]))
+  raise ValueError(f"cnn_mnist1d takes signals (length,), (length, channels) or images (height, "
+                   f"width, channels), got input_shape={tuple(input_shape)}")
+
+
+def _cnn_build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
   n_cls = 10 if num_classes is None else num_classes
   channels = tuple(int(c) for c in kw.get("channels", (32, 64, 64)))
   strides = tuple(int(s) for s in kw.get("strides", (1, 2, 2)))
@@ -250,15 +300,18 @@ def _cnn_build(cfg: FamilyConfig, num_classes: Optional[int], kw: dict) -> _Buil
   widths = tuple(cfg.width(c, what=f"conv_{i} width") for i, c in enumerate(channels))
   module = mnist1d_lib.CNN1D(stem_width=stem, channels=widths, strides=strides, num_classes=n_cls,
                              sift=cfg)
-  return _Built(module, (40, 1), jnp.float32, "classification", n_cls, None,
+  return _Built(module, _signal_shape(input_shape), jnp.float32, "classification", n_cls, None,
                 (r"^stem/", r"^head/"), {"stem": stem, "channels": list(widths)})
 
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-  build: Callable[[FamilyConfig, Optional[int], dict], _Built]
-  conv: bool  # convolutional: BatchNorm and BN+ReLU Factorized by default
+  build: Callable[[FamilyConfig, Optional[int], Optional[tuple[int, ...]], dict], _Built]
+  conv: bool  # convolutional: BN+ReLU between Factorized's U and V by default
   kwargs: tuple[str, ...] = ()
+  # Kind of the norms inside the members (Parallel branches, Factorized mid): BatchNorm keeps
+  # Parallel foldable into one kernel at inference (RepVGG); transformers use LayerNorm.
+  norm: str = "batch"
 
 
 _MODELS: dict[str, _Entry] = {
@@ -274,14 +327,18 @@ _MODELS: dict[str, _Entry] = {
                                                 default_classes=1000), True),
     "mobilenet_v2": _Entry(_mobilenet_build, True),
     "gpt3_small": _Entry(_gpt_builder(depth=12, width=768, heads=12, context=2048, vocab=50257),
-                         False, ("context", "vocab_size")),
+                         False, ("context", "vocab_size"), "layer"),
     "gpt_mini": _Entry(_gpt_builder(depth=4, width=128, heads=4, context=128, vocab=256), False,
-                       ("context", "vocab_size")),
+                       ("context", "vocab_size"), "layer"),
     "gpt_tiny": _Entry(_gpt_builder(depth=2, width=64, heads=4, context=64, vocab=256), False,
-                       ("context", "vocab_size")),
+                       ("context", "vocab_size"), "layer"),
     "mlp_mnist1d": _Entry(_mlp_build, False, ("hidden",)),
     "cnn_mnist1d": _Entry(_cnn_build, True, ("channels", "strides", "stem_width")),
 }
+
+
+# Keywords every model accepts (see get_model).
+_MEMBER_KWARGS = ("factorized_mid", "parallel_norm", "doped_low_rank_init")
 
 
 def list_models() -> tuple[str, ...]:
@@ -290,7 +347,8 @@ def list_models() -> tuple[str, ...]:
 
 
 def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, reference: bool = False,
-              round_to: int = 1, num_classes: Optional[int] = None, **kw: Any) -> ModelSpec:
+              round_to: int = 1, num_classes: Optional[int] = None,
+              input_shape: Optional[tuple[int, ...]] = None, **kw: Any) -> ModelSpec:
   """Builds a registered model under a Sparse-IFT member and solves its iso-FLOP sparsity.
 
   Args:
@@ -302,9 +360,22 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
       Doped masking of U and V, no re-solve except Sparse Wide's bisection).
     round_to: Round widths and ranks to this multiple (paper rules).
     num_classes: Classifier outputs (default: the dataset's; not for GPT).
+    input_shape: Per-example shape of the data (no batch dimension); the
+      training loop passes the dataset's. ``None``: the model's own default
+      (CIFAR 32x32x3, ImageNet 224x224x3, MNIST-1D 40). The MLP takes any
+      shape (it flattens); the 1-D CNN takes ``(L,)``, ``(L, C)`` or an image
+      ``(H, W, C)`` scanned row by row as ``(H*W, C)``; the 2-D convnets take
+      ``(H, W, C)``; GPTs ``(context,)``. The returned ``input_shape`` is the
+      model's view of the data (same number of elements).
     **kw: ``factorized_mid`` (``"linear"``, ``"norm"``, ``"norm_relu"``;
       default ``"norm_relu"`` for convolutional models as in the reference
-      CIFAR configuration, ``"linear"`` otherwise) and model-specific options:
+      CIFAR configuration, ``"linear"`` otherwise), ``parallel_norm``
+      (default True: every Sparse Parallel branch gets its own norm, BatchNorm
+      in the convnets and the MLP, LayerNorm in the GPTs, in place of the
+      norm that follows the layer where there is one; False: the paper's
+      plain sum), ``doped_low_rank_init`` (``"step_matched"``, default, or
+      ``"template"``: see :class:`sift_jax.transformations.FamilyConfig`) and
+      model-specific options:
       GPT ``context``, ``vocab_size``; ``mlp_mnist1d`` ``hidden``;
       ``cnn_mnist1d`` ``channels``, ``strides``, ``stem_width``.
 
@@ -323,18 +394,33 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
   entry = _MODELS[name]
   sizes.check_family(family)
   s = check_sparsity(sparsity)
-  unknown = sorted(set(kw) - set(entry.kwargs) - {"factorized_mid"})
+  unknown = sorted(set(kw) - set(entry.kwargs) - set(_MEMBER_KWARGS))
   if unknown:
     raise ValueError(f"{name}: unknown keyword argument(s) {unknown}; accepted: "
-                     f"{sorted(set(entry.kwargs) | {'factorized_mid'})}")
+                     f"{sorted(set(entry.kwargs) | set(_MEMBER_KWARGS))}")
   if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
   mid = kw.pop("factorized_mid", "norm_relu" if entry.conv else "linear")
-  norm = "batch" if entry.conv else "layer"
+  parallel_norm = kw.pop("parallel_norm", True)
+  if not isinstance(parallel_norm, bool):
+    raise ValueError(f"{name}: parallel_norm must be True or False, got {parallel_norm!r}")
+  if reference and family == "sparse_parallel" and not parallel_norm and entry.conv:
+    raise ValueError(f"{name}: reference=True builds the reference's per-branch BatchNorms; "
+                     "parallel_norm=False contradicts it")
+  doped_init = kw.pop("doped_low_rank_init", "step_matched")
+  norm = entry.norm
   cfg = FamilyConfig(family=family, sparsity=s, reference=reference, round_to=round_to,
-                     factorized_mid=mid, norm=norm)
-  built = entry.build(cfg, num_classes, kw)
-  base = entry.build(FamilyConfig(norm=norm, factorized_mid=mid), num_classes, kw).module
+                     factorized_mid=mid, norm=norm, parallel_norm=parallel_norm,
+                     doped_low_rank_init=doped_init)
+  if input_shape is not None:
+    input_shape = tuple(input_shape)
+    if not input_shape or any(isinstance(d, bool) or int(d) < 1 for d in input_shape):
+      raise ValueError(f"{name}: input_shape must be a non-empty tuple of positive sizes, got "
+                       f"{input_shape!r}")
+    input_shape = tuple(int(d) for d in input_shape)
+  built = entry.build(cfg, num_classes, input_shape, kw)
+  base = entry.build(FamilyConfig(norm=norm, factorized_mid=mid), num_classes, input_shape,
+                     kw).module
   dense = built.dense
   if family == "sparse_doped" and not reference:
     dense = dense + (r"/U/kernel$", r"/V/kernel$")  # paper: only S is sparse

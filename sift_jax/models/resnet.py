@@ -5,11 +5,11 @@ torchvision: post-activation basic blocks (ResNet-18/34) or bottlenecks with
 the stride on the 3x3 convolution (ResNet-50, "v1.5"), BatchNorm with
 PyTorch's momentum/epsilon, Kaiming-normal (fan-out) convolution
 initialisation, and the last BatchNorm of every residual branch initialised
-to zero. The CIFAR variant has a 3x3 stride-1 stem and no max-pool (SPEC
-section 5); padding is PyTorch's symmetric padding, so MAC counts match the
+to zero. The CIFAR variant has a 3x3 stride-1 stem and no max-pool (docs/method.md);
+padding is PyTorch's symmetric padding, so MAC counts match the
 reference exactly.
 
-Sparse-IFT (SPEC section 3): the convolutions inside the residual branches
+Sparse-IFT (docs/method.md): the convolutions inside the residual branches
 are transformed (through :meth:`FamilyConfig.wrap`): both 3x3 convolutions of
 a basic block, and all three convolutions (1x1, 3x3, 1x1) of a bottleneck, as
 the reference's bottleneck Parallel block does. Transforming only the 3x3 of a
@@ -65,7 +65,7 @@ class _Block(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     # The reference's Parallel blocks put a BatchNorm on every branch instead of one after the sum.
-    branch_norm = self.sift.family == "sparse_parallel" and self.sift.parallel_norm
+    branch_norm = self.sift.branch_norms
 
     def sift_conv(y, features, kernel, strides, name, bn_name, zero=False):
       conv = self.sift.layer(nn.Conv, features, (kernel, kernel), strides=strides,

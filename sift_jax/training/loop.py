@@ -158,6 +158,8 @@ def _model_kwargs(config: ml_collections.ConfigDict, train_info) -> dict[str, An
     kwargs.setdefault("vocab_size", train_info.vocab_size)
   else:
     kwargs.setdefault("num_classes", train_info.num_classes)
+    # Models take their input shape from the data (the MLP and CNNs adapt to it).
+    kwargs.setdefault("input_shape", tuple(int(d) for d in train_info.input_shape))
   return dict(family=config.model.family, sparsity=float(config.model.sparsity), **kwargs)
 
 

@@ -1,11 +1,13 @@
 """Sparse Iso-FLOP Transformations: size rules, Linen layers, drop-in transform, iso-FLOP solve."""
 
+from sift_jax.transformations.diagnostics import BranchOverlap, branch_mask_overlap
 from sift_jax.transformations.family import FamilyConfig
 from sift_jax.transformations.isoflop import (ISO_FLOP_TOLERANCE, SOLVE_METHODS, IsoFlopSolution,
                                               IsoFlopToleranceWarning, reference_bisection,
                                               solve_sparsity)
 from sift_jax.transformations.layers import (BATCH_NORM_EPSILON, BATCH_NORM_MOMENTUM,
-                                             FACTORIZED_MIDS, NORMS, SparseDoped, SparseFactorized,
+                                             DOPED_LOW_RANK_INITS, FACTORIZED_MIDS, NORMS,
+                                             SparseDoped, SparseFactorized,
                                              SparseParallel, layer_kind, template_dims, widen)
 from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, check_round_to,
                                             layer_dims, round_to_multiple, sparse_doped_rank,
@@ -14,7 +16,8 @@ from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, che
 from sift_jax.transformations.transform import TransformedModel, transform, transformed_policy
 
 __all__ = [
-    "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "FACTORIZED_MIDS", "FAMILIES", "FamilyConfig",
+    "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "BranchOverlap", "DOPED_LOW_RANK_INITS",
+    "FACTORIZED_MIDS", "FAMILIES", "FamilyConfig", "branch_mask_overlap",
     "ISO_FLOP_TOLERANCE", "IsoFlopSolution", "IsoFlopToleranceWarning", "MEMBERS", "NORMS",
     "SOLVE_METHODS", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",
     "check_family", "check_round_to", "layer_dims", "layer_kind", "reference_bisection",

@@ -24,18 +24,30 @@ class FamilyConfig:
     reference: The authors' PyTorch size rules where they differ from the
       paper: Factorized rank ``ceil``, Doped rank ``floor``, Sparse Wide
       width ``int(w * sqrt(round(1/d)))``, Parallel branches ``round(1/d)``
-      (see the README's table). It does not by itself add the reference's
-      per-branch norms: those are ``parallel_norm``/``parallel_activation``,
-      which the registry ResNets set when built with ``reference=True``.
+      (see the README's table). The per-branch norms are ``parallel_norm``
+      (on by default); the registry ImageNet ResNets built with
+      ``reference=True`` also set ``parallel_activation=nn.relu``.
     round_to: Widths and ranks are rounded to the nearest multiple of this,
       and to at least one multiple (paper rule; 128 suits TPUs; ignored by
       the reference rules).
     factorized_mid: ``"linear"``, ``"norm"`` or ``"norm_relu"`` between U and V.
     norm: ``"batch"`` or ``"layer"``: the norm kind used inside the members
       (Factorized ``mid``, Parallel ``branch_norm``).
-    parallel_norm: Give every Parallel branch its own norm (reference).
+    parallel_norm: Give every Parallel branch its own norm of kind ``norm``
+      (default True, as the reference's per-branch BatchNorm). Without it
+      the branches are summed before any nonlinearity, so every branch gets
+      the same gradient ``dL/dy x^T``: RigL grows the same positions in all
+      of them and the branches act as one matrix of the original shape
+      (docs/method.md; RepVGG, Ding et al. 2021, uses a norm per branch for
+      the same reason). ``False`` gives the paper's plain sum.
     parallel_activation: Optional activation inside every Parallel branch
       (the reference ImageNet ResNets use ReLU).
+    doped_low_rank_init: Initialisation of Sparse Doped's ``U`` and ``V``
+      (:data:`sift_jax.transformations.layers.DOPED_LOW_RANK_INITS`):
+      ``"step_matched"`` (default) starts the dense low-rank path at a dense
+      layer's SGD step size; ``"template"`` initialises both factors like the
+      template (the reference), which learns up to ``1 + D_out / r`` times
+      faster and diverges at dense learning rates.
   """
 
   family: str = "dense"
@@ -44,8 +56,9 @@ class FamilyConfig:
   round_to: int = 1
   factorized_mid: str = "linear"
   norm: str = "batch"
-  parallel_norm: bool = False
+  parallel_norm: bool = True
   parallel_activation: Optional[Callable[..., Any]] = None
+  doped_low_rank_init: str = "step_matched"
 
   def __post_init__(self):
     sizes.check_family(self.family)
@@ -54,8 +67,20 @@ class FamilyConfig:
     if self.factorized_mid not in layers_lib.FACTORIZED_MIDS:
       raise ValueError(f"factorized_mid must be one of {layers_lib.FACTORIZED_MIDS}, "
                        f"got {self.factorized_mid!r}")
+    if self.doped_low_rank_init not in layers_lib.DOPED_LOW_RANK_INITS:
+      raise ValueError(f"doped_low_rank_init must be one of "
+                       f"{tuple(layers_lib.DOPED_LOW_RANK_INITS)}, got {self.doped_low_rank_init!r}")
     if self.norm not in layers_lib.NORMS:
       raise ValueError(f"norm must be one of {layers_lib.NORMS}, got {self.norm!r}")
+
+  @property
+  def branch_norms(self) -> bool:
+    """True when this is Sparse Parallel with a norm on every branch.
+
+    Models that follow a transformed layer with their own norm skip it then:
+    the branch norms take its place (reference ResNet blocks).
+    """
+    return self.family == "sparse_parallel" and self.parallel_norm
 
   @property
   def is_member(self) -> bool:
@@ -99,7 +124,8 @@ class FamilyConfig:
           use_running_average=use_running_average if self.factorized_mid != "linear" else None,
           **module_kwargs)
     return layers_lib.SparseDoped(template, sparsity=self.sparsity, round_to=self.round_to,
-                                  reference=self.reference, **module_kwargs)
+                                  reference=self.reference, low_rank_init=self.doped_low_rank_init,
+                                  **module_kwargs)
 
   def layer(self, cls: type, *args: Any, name: str, use_running_average: Optional[bool] = None,
             **kwargs: Any) -> nn.Module:

@@ -17,7 +17,9 @@ Parameter layout (all under the member's own name):
   no bias), optional ``mid_norm``, ``V/kernel`` (+ ``V/bias``); for a
   convolution ``V`` is a 1x1 convolution with stride 1.
 * :class:`SparseDoped`: ``S`` (a copy of the template), ``U`` and ``V`` as
-  above without biases; output ``S(x) + V(U(x))``.
+  above without biases; output ``S(x) + alpha V(U(x))`` with a constant
+  ``alpha`` of the initialisation (:data:`DOPED_LOW_RANK_INITS`; 1 for
+  ``"template"``).
 
 Ranks and branch counts are either given or derived at call time from the
 input shape and ``sparsity`` with the rules of
@@ -25,7 +27,7 @@ input shape and ``sparsity`` with the rules of
 it is the template with more output features (:func:`widen`).
 
 Which of these weights are masked is decided by a
-:class:`sift_jax.masks.SparsityPolicy` (SPEC section 3); the layers themselves
+:class:`sift_jax.masks.SparsityPolicy` (docs/method.md); the layers themselves
 are dense Flax layers, so masking stays outside the model (in the optimizer
 transforms of :mod:`sift_jax`).
 """
@@ -42,7 +44,7 @@ from sift_jax.transformations import sizes
 
 __all__ = [
     "SparseParallel", "SparseFactorized", "SparseDoped", "widen", "layer_kind",
-    "template_dims", "FACTORIZED_MIDS", "NORMS", "BATCH_NORM_MOMENTUM", "BATCH_NORM_EPSILON",
+    "template_dims", "FACTORIZED_MIDS", "NORMS", "DOPED_LOW_RANK_INITS", "BATCH_NORM_MOMENTUM", "BATCH_NORM_EPSILON",
 ]
 
 #: What may sit between ``U`` and ``V`` of Sparse Factorized.
@@ -107,21 +109,21 @@ def widen(layer: Any, features: int, **updates: Any) -> Any:
   return layer.clone(features=features, **updates)
 
 
-def _u_copy(layer: Any, rank: int, name: str) -> Any:
+def _u_copy(layer: Any, rank: int, name: str, **updates: Any) -> Any:
   """``U``: the template's input side (kernel, strides, padding) with ``rank`` outputs, no bias."""
-  return layer.copy(name=name, features=int(rank), use_bias=False)
+  return layer.copy(name=name, features=int(rank), use_bias=False, **updates)
 
 
-def _v_copy(layer: Any, name: str, use_bias: bool) -> Any:
+def _v_copy(layer: Any, name: str, use_bias: bool, **updates: Any) -> Any:
   """``V``: ``rank -> D_out`` with the template's output features (1x1, stride 1 for convs)."""
   kind = layer_kind(layer)
   if kind == "conv":
     ones = (1,) * len(_as_tuple(layer.kernel_size))
     return layer.copy(name=name, kernel_size=ones, strides=1, padding="VALID", input_dilation=1,
-                      kernel_dilation=1, use_bias=use_bias)
+                      kernel_dilation=1, use_bias=use_bias, **updates)
   if kind == "dense_general":
-    return layer.copy(name=name, axis=-1, use_bias=use_bias)
-  return layer.copy(name=name, use_bias=use_bias)
+    return layer.copy(name=name, axis=-1, use_bias=use_bias, **updates)
+  return layer.copy(name=name, use_bias=use_bias, **updates)
 
 
 def _make_norm(kind: str, name: str, use_running_average: Optional[bool], where: str) -> nn.Module:
@@ -157,7 +159,7 @@ class SparseParallel(nn.Module):
   """Sparse Parallel: ``n`` copies of the layer on the same input, outputs summed.
 
   Each branch is trained sparse at ``s``; with ``n = 1/d`` branches the sparse
-  FLOPs equal the dense layer's (SPEC section 2). With ``num_branches=1`` and
+  FLOPs equal the dense layer's (docs/method.md). With ``num_branches=1`` and
   no norm the layer computes exactly the template.
 
   The reference implementation gives each branch its own BatchNorm and, in its
@@ -207,7 +209,7 @@ class SparseFactorized(nn.Module):
   """Sparse Factorized: ``W -> U V`` with ``U: D_in x r`` and ``V: r x D_out``.
 
   Both factors are trained sparse at ``s``; ``r = D_in*D_out / (d*(D_in+D_out))``
-  keeps the sparse FLOPs equal to the dense layer's (SPEC section 2). For a
+  keeps the sparse FLOPs equal to the dense layer's (docs/method.md). For a
   convolution ``U`` is the template's k x k convolution (with its stride and
   padding) to ``r`` channels and ``V`` a 1x1 convolution, as in the reference.
   With ``mid="linear"`` and ``r >= min(D_in, D_out)`` the layer can represent
@@ -249,13 +251,54 @@ class SparseFactorized(nn.Module):
     return _v_copy(self.layer, "V", bool(self.layer.use_bias))(y)
 
 
+def _step_matched_init(d_in: int, d_out: int, rank: int, sparsity: float
+                       ) -> tuple[Callable[..., Any], Callable[..., Any], float]:
+  """Output ``alpha V(U(x))`` that starts like the dense part it replaces, at a dense step size.
+
+  One SGD step on ``U`` and ``V`` moves ``W_eff = alpha U V`` by
+  ``-lr alpha^2 (U U^T g + g V^T V)`` (``g`` the gradient of ``W_eff``): the
+  path learns ``alpha^2 (|U U^T| + |V^T V|)`` times as fast as a dense weight
+  in its rank-``r`` subspace, on top of ``S``'s own step. Initialised like
+  dense layers (``alpha = 1``, variances ``1/D_in`` and ``1/r``) that factor
+  is ``1 + D_out / r`` (3.2 for a 64x64 layer at s = 0.9, up to about 9 at
+  the top of the Marchenko-Pastur spectrum), and SGD at the dense model's
+  learning rate runs close to its stability edge and diverges after a mask
+  update perturbs the loss. Here the factors are balanced
+  (``D_in Var(U) = D_out Var(V)``), ``alpha^2 (|U U^T| + |V^T V|) = 1`` (the
+  step of a dense layer) and the product's variance is ``s / D_in``, so that
+  ``S + alpha U V`` starts with the variance of a dense layer (``S`` masked
+  holds ``d / D_in``). ``sparsity`` is the share ``r (D_in + D_out) / (D_in D_out)``
+  of the rank rule, which makes ``alpha = 1 / (2 sqrt(1 + D_out / D_in))``.
+  """
+  target = float(sparsity) / d_in                       # Var(alpha U V) per entry
+  alpha = 1.0 / (2.0 * math.sqrt(target * d_in * d_out / rank))
+  var_u = 1.0 / (2.0 * alpha ** 2 * d_in)
+  var_v = 1.0 / (2.0 * alpha ** 2 * d_out)
+  return (nn.initializers.variance_scaling(var_u * d_in, "fan_in", "normal"),
+          nn.initializers.variance_scaling(var_v * d_out, "fan_out", "normal"), alpha)
+
+
+#: Initialisations of Sparse Doped's ``U`` and ``V``:
+#: ``name -> fn(D_in, D_out, rank, sparsity) -> (U kernel_init, V kernel_init, alpha)``, the
+#: path's output being ``alpha V(U(x))``; ``None`` keeps the template's initialiser.
+DOPED_LOW_RANK_INITS: dict[str, Callable[..., tuple[Any, Any, float]]] = {
+    "step_matched": _step_matched_init,
+    "template": lambda d_in, d_out, rank, share: (None, None, 1.0),
+}
+
+
 class SparseDoped(nn.Module):
-  """Sparse Doped: ``W -> U V + S``, output ``S(x) + V(U(x))``.
+  """Sparse Doped: ``W -> alpha U V + S``, output ``S(x) + alpha V(U(x))``.
 
   ``S`` (a copy of the template) is trained sparse at ``s``; ``U V`` is a dense
   low-rank path with ``r = s * D_in*D_out / (D_in + D_out)``, so the total
-  FLOPs equal the dense layer's (SPEC section 2). No nonlinearity sits between
-  ``U`` and ``V``. The paper keeps ``U``, ``V`` dense; the reference masks them
+  FLOPs equal the dense layer's (docs/method.md). No nonlinearity sits between
+  ``U`` and ``V``. ``alpha`` is a constant: ``1 / (2 sqrt(1 + D_out/D_in))``
+  with the default ``low_rank_init="step_matched"``, which starts
+  ``S + alpha U V`` at a dense layer's variance and SGD step size (the
+  template's initialisation makes the dense path learn ``1 + D_out/r`` times
+  as fast and diverge at dense learning rates; see
+  :data:`DOPED_LOW_RANK_INITS`). The paper keeps ``U``, ``V`` dense; the reference masks them
   too (a policy choice, see :mod:`sift_jax.models`).
 
   Attributes:
@@ -264,6 +307,9 @@ class SparseDoped(nn.Module):
     sparsity: ``s`` used when ``rank`` is None.
     round_to: Rank granularity (paper rule).
     reference: Use the reference rank rule (``floor``).
+    low_rank_init: How ``U`` and ``V`` are initialised, a key of
+      :data:`DOPED_LOW_RANK_INITS`: ``"step_matched"`` (default) or
+      ``"template"`` (the template's initialiser for both, as the reference).
   """
 
   layer: Any
@@ -272,9 +318,20 @@ class SparseDoped(nn.Module):
   round_to: int = 1
   reference: bool = False
 
+  low_rank_init: str = "step_matched"
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if self.low_rank_init not in DOPED_LOW_RANK_INITS:
+      raise ValueError(f"{_where(self)}: low_rank_init must be one of "
+                       f"{tuple(DOPED_LOW_RANK_INITS)}, got {self.low_rank_init!r}")
     rank = _rank(self, sizes.sparse_doped_rank, x)
+    d_in, d_out = template_dims(self.layer, x.shape)
+    # The share of the dense layer the path stands in for: s of the rank rule, from the rank.
+    share = min(1.0, rank * (d_in + d_out) / (d_in * d_out))
+    u_init, v_init, alpha = DOPED_LOW_RANK_INITS[self.low_rank_init](d_in, d_out, rank, share)
     sparse = self.layer.copy(name="S")(x)
-    low_rank = _v_copy(self.layer, "V", False)(_u_copy(self.layer, rank, "U")(x))
-    return sparse + low_rank
+    u = _u_copy(self.layer, rank, "U", **({} if u_init is None else {"kernel_init": u_init}))
+    v = _v_copy(self.layer, "V", False, **({} if v_init is None else {"kernel_init": v_init}))
+    low_rank = v(u(x))
+    return sparse + (low_rank if alpha == 1.0 else alpha * low_rank)

@@ -21,7 +21,7 @@ Which layers are transformed:
 * ``layers`` (regexes on the layer path, e.g. ``"block/mlp"``) if given;
 * otherwise, for Parallel, Factorized and Doped, every layer whose kernel the
   user's ``policy`` would make sparse (so a policy that keeps the stem and the
-  classifier dense also keeps them untransformed, SPEC section 3);
+  classifier dense also keeps them untransformed, docs/method.md);
 * for Sparse Wide, every layer: each one's output features grow by
   ``k_sw = sqrt(1/d)`` except the ``output_layers``, and inputs follow
   because Flax creates kernels from the input shape. Without
@@ -436,7 +436,7 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
               layers: Optional[Sequence[str]] = None,
               output_layers: Optional[Sequence[str]] = None, reference: bool = False,
               round_to: int = 1, factorized_mid: str = "linear",
-              parallel_norm: bool = False,
+              parallel_norm: bool = True,
               parallel_activation: Optional[Callable[[jax.Array], jax.Array]] = None
               ) -> TransformedModel:
   """Applies a Sparse-IFT member to a Flax Linen model without editing its code.
@@ -468,9 +468,9 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   ResNet blocks put a BatchNorm on every branch in place of the block's
   BatchNorm (and, in its ImageNet ResNets, a ReLU inside every branch); a
   drop-in transform replaces only the layer and cannot remove the user's own
-  norm after it. ``parallel_norm=True`` (a LayerNorm per branch) and
-  ``parallel_activation=nn.relu`` build the per-branch part; the model's own
-  norm and activation after the layer still apply. The registry ResNets
+  norm after it. ``parallel_norm=True`` (the default: a LayerNorm per
+  branch) and ``parallel_activation=nn.relu`` build the per-branch part; the
+  model's own norm and activation after the layer still apply. The registry ResNets
   (``sift_jax.models.get_model(..., reference=True)``) reproduce the
   reference's placement exactly.
 
@@ -489,7 +489,12 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
     round_to: Widths and ranks are rounded to the nearest multiple of this,
       and to at least one multiple.
     factorized_mid: ``"linear"``, ``"norm"`` or ``"norm_relu"`` (LayerNorm).
-    parallel_norm: A LayerNorm on every Parallel branch (before the sum).
+    parallel_norm: A LayerNorm on every Parallel branch, before the sum
+      (default). It breaks the symmetry of the branches: without it every
+      branch receives the same gradient, RigL grows the same positions in
+      all of them and they train as one matrix of the original shape.
+      LayerNorm because a drop-in model need not have a ``train`` flag or a
+      ``batch_stats`` collection. ``False``: the paper's plain sum.
     parallel_activation: Optional activation applied to every Parallel
       branch, after its norm and before the sum (``nn.relu``: the reference
       ImageNet blocks).
@@ -498,7 +503,8 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
     A :class:`TransformedModel`.
 
   Raises:
-    ValueError: for an unknown family, a sparsity outside [0, 1), a model that
+    ValueError: for an unknown family, a sparsity outside [0, 1), a nonzero
+      sparsity with ``family="dense"`` (nothing would use it), a model that
       is not a Linen module, invalid regexes or a non-callable
       ``parallel_activation``. A model in which nothing gets transformed, or
       whose output shape Sparse Wide would change, raises when it is first
@@ -509,6 +515,12 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   if parallel_activation is not None and not callable(parallel_activation):
     raise ValueError(f"transform(): parallel_activation must be callable or None, got "
                      f"{parallel_activation!r}")
+  if family == "dense" and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) \
+      and float(sparsity) != 0.0:
+    raise ValueError(f"transform(family='dense') returns the model unchanged, so sparsity has no "
+                     f"meaning there; got sparsity={sparsity!r} (pass 0, or a member such as "
+                     "family='sparse_wide'; sparse training of the dense model is the optimizer's "
+                     "job: sift_jax.rigl / sift_jax.static_sparse)")
   config = FamilyConfig(family=family, sparsity=sparsity, reference=reference, round_to=round_to,
                         factorized_mid=factorized_mid, norm="layer", parallel_norm=parallel_norm,
                         parallel_activation=parallel_activation)
