@@ -537,6 +537,12 @@ def _cost(setting: Setting, run_overrides: Mapping[str, Any]) -> float:
   return (1.0 / (1.0 - s)) * width
 
 
+def _priority(run_overrides: Mapping[str, Any]) -> tuple[int, int]:
+  s = float(run_overrides.get("model.sparsity", 0.0))
+  level = 0 if s == 0 else 1 + sorted(SPARSITIES, reverse=True).index(s)
+  return level, int(run_overrides.get("sparse.method") == "static")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -603,10 +609,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       runs = [r for r in runs if r[0] in QUICK_RUNS]
     for run_name, run_overrides in runs:
       tasks.append((sname, setting, overrides, run_name, run_overrides))
-  # Settings one after another (a stopped job has whole settings), costly runs first within one.
+  # The verdicts first: dense and s = 0.9 of every setting, then 0.75, then 0.5 (RigL before
+  # static), costly runs first within a level; a job stopped early still has its verdicts.
+  tasks.sort(key=lambda t: (_priority(t[4]), -_cost(t[1], t[4])))
   expected = [(t[0], t[3], seed) for t in tasks for seed in seeds]
-  rank = {n: i for i, n in enumerate(args.setting_names)}
-  tasks.sort(key=lambda t: (rank[t[0]], -_cost(t[1], t[4])))
   records: list[dict[str, Any]] = []
   if args.report_only or args.run_names:
     # Finished runs of the other configurations are read, not trained.
