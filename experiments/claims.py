@@ -690,9 +690,16 @@ def _json_default(value: Any) -> Any:
 
 
 def _report(args, settings_rows, v, records, wall, seeds) -> str:
+  run_seconds = sum(r["wall_seconds"] for r in records if math.isfinite(r["wall_seconds"]))
+  if args.report_only:
+    timing = (f"{len(records)} finished runs ({len(seeds)} seeds: {seeds}) read from the workdir "
+              f"(this call trained nothing; the runs' own wall times sum to {run_seconds:.0f} s). ")
+  else:
+    timing = (f"{len(records)} runs ({len(seeds)} seeds: {seeds}) in {wall:.0f} s wall "
+              f"({wall / 60:.1f} min) on {os.cpu_count()} CPU core(s), {args.jobs} parallel job(s); "
+              f"the runs' own wall times sum to {run_seconds:.0f} s. ")
   parts = [f"# Claims benchmark{' (--quick smoke test)' if args.quick else ''}", "",
-           f"{len(records)} runs ({len(seeds)} seeds: {seeds}) in {wall:.0f} s wall "
-           f"({wall / 60:.1f} min) on {os.cpu_count()} CPU core(s), {args.jobs} parallel job(s). "
+           timing +
            "Accuracy: final top-1 accuracy on the test split. Δ vs dense: difference of means "
            "in points with a 95% confidence interval from Welch's t (unequal variances, "
            "Welch-Satterthwaite degrees of freedom); p: two-sided Welch p-value; beats dense: "
