@@ -659,8 +659,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   v = verdicts(settings_rows)
   text = _report(args, settings_rows, v, records, wall, seeds)
   if missing:
+    per_config: dict[str, int] = {}
+    for m in missing:
+      per_config[m.rsplit("/", 1)[0]] = per_config.get(m.rsplit("/", 1)[0], 0) + 1
     text += (f"\n**Incomplete: {len(missing)} of {len(expected)} runs missing** (not trained or "
-             f"not finished): {', '.join(missing)}\n")
+             f"not finished; missing seeds per configuration): " +
+             ", ".join(f"`{c}` ({n})" for c, n in per_config.items()) + "\n")
   print("\n" + text)
   with open(os.path.join(args.results, "table.md"), "w", encoding="utf-8") as f:
     f.write(text + "\n")
