@@ -261,3 +261,30 @@ def test_set_state_rejects_other_configurations():
   bad = dict(finite.get_state(), next_batch=11)
   with pytest.raises(ValueError, match="next_batch=11 out of range"):
     finite.set_state(bad)
+
+
+@pytest.mark.parametrize("name", ["mnist1d", "digits"])
+def test_offline_train_slices_partition_the_training_split(name):
+  """``train[:80%]`` + ``train[80%:]`` are the training split, in order, disjoint."""
+  full = data.load_mnist1d_arrays("train") if name == "mnist1d" else data.load_digits_arrays("train")
+  n = len(full.labels)
+  cut = int(round(0.8 * n))
+  kw = dict(batch_size=10_000, shuffle=False, num_epochs=1, drop_remainder=False,
+            process_index=0, process_count=1)
+  fit = next(iter(data.make_dataset(name, split="train[:80%]", **kw)))
+  held = next(iter(data.make_dataset(name, split="train[80%:]", **kw)))
+  assert len(fit["label"]) == cut and len(held["label"]) == n - cut
+  np.testing.assert_array_equal(np.concatenate([fit["image"], held["image"]]).reshape(full.images.shape),
+                                full.images)
+  np.testing.assert_array_equal(np.concatenate([fit["label"], held["label"]]), full.labels)
+  assert data.get_dataset_info(name, split="train[10:25]").num_examples == 15
+  # A sliced training split keeps the training defaults (shuffled, repeated).
+  it = data.make_dataset(name, split="train[:80%]", batch_size=64, seed=0, process_index=0,
+                         process_count=1)
+  assert len(next(it)["label"]) == 64
+  with pytest.raises(ValueError, match=r"no split='train\[:x\]'.*sliced as"):
+    data.get_dataset_info(name, split="train[:x]")
+  with pytest.raises(ValueError, match=r"selects no examples"):
+    data.get_dataset_info(name, split="train[50%:10%]")
+  with pytest.raises(ValueError, match=r"percentage 150"):
+    data.get_dataset_info(name, split="train[:150%]")

@@ -1,9 +1,7 @@
-"""The sweep runner and the main job's --quick mode."""
+"""The sweep runner (the main job, experiments/main.py, is tested in test_claims.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -114,36 +112,3 @@ def test_sweep_cli(tmp_path, capsys):
   assert data["records"][0]["summary"]["steps"] == 10
   assert sweep.main(["--config", config, "--workdir", str(tmp_path), "--only", "nope"]) == 1
   assert "--only names ['nope']" in capsys.readouterr().err
-
-
-def test_main_job_quick(tmp_path):
-  results = tmp_path / "results"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MPLBACKEND="Agg")
-  out = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "main.py"), "--quick",
-                        "--jobs", "2", "--workdir", str(tmp_path / "runs"), "--results", str(results)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "total wall time" in out.stdout
-  assert "| dense | dense | 0 |" in out.stdout and "| sparse_wide | rigl | 0.5 / " in out.stdout
-  data = json.loads((results / "results.json").read_text())
-  assert data["quick"] and data["num_runs"] == 2 and len(data["rows"]) == 2
-  for run in data["runs"]:
-    assert run["steps"] == 60 and 0.0 < run["final_eval_accuracy"] <= 1.0
-  wide = next(r for r in data["rows"] if r["family"] == "sparse_wide")
-  assert wide["forward_flops_ratio_mean"] == pytest.approx(1.0, abs=0.02)
-  png = (results / "accuracy_vs_sparsity.png").read_bytes()
-  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-  assert (results / "table.md").read_text().count("\n|") >= 3
-
-
-def test_main_job_quick_never_shares_the_full_jobs_directories():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("main_job", os.path.join(REPO, "experiments", "main.py"))
-  main_job = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(main_job)
-  full, quick = main_job._parse_args([]), main_job._parse_args(["--quick"])
-  assert full.workdir == os.path.join(REPO, "workdirs", "mnist1d_main")
-  assert full.results == os.path.join(REPO, "experiments", "results", "mnist1d")
-  assert quick.workdir == os.path.join(REPO, "workdirs", "mnist1d_quick")
-  assert quick.results == os.path.join(REPO, "workdirs", "mnist1d_quick", "results")
-  assert main_job._parse_args(["--quick", "--results", "/tmp/r"]).results == "/tmp/r"

