@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from sift_jax import models
 from sift_jax.flops._report import model_report
-from sift_jax.transformations import sizes
+from sift_jax.transformations import members
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """CLI: ``python -m sift_jax.flops --model NAME --family FAMILY --sparsity S [--json]``."""
@@ -23,7 +23,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       prog="python -m sift_jax.flops",
       description="Per-layer forward MACs (batch 1) of a Sparse-IFT model, dense and sparse.")
   parser.add_argument("--model", required=True, help=f"one of {', '.join(models.list_models())}")
-  parser.add_argument("--family", default="dense", help=f"one of {', '.join(sizes.FAMILIES)}")
+  parser.add_argument("--family", default="dense", help=f"one of {', '.join(members.member_names())}")
   parser.add_argument("--sparsity", type=float, default=0.0, help="nominal sparsity s in [0, 1)")
   parser.add_argument("--reference", action="store_true", help="reproduce the authors' PyTorch rules")
   parser.add_argument("--round-to", type=int, default=1, help="round widths and ranks to this multiple")

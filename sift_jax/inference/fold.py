@@ -43,8 +43,8 @@ import numpy as np
 from sift_jax.masks import ops as mask_ops
 from sift_jax.models.registry import ModelSpec
 from sift_jax.transformations import layers as layers_lib
+from sift_jax.transformations import members as members_lib
 from sift_jax.transformations.family import FamilyConfig
-from sift_jax.transformations.sizes import FAMILIES
 from sift_jax.transformations.transform import TransformedModel
 
 __all__ = ["fold", "FoldError", "FOLDABLE_FAMILIES", "member_config", "dense_counterpart"]
@@ -239,21 +239,30 @@ def _is_doped(node):
   return "S" in node and "U" in node and "V" in node
 
 
-def _sparse_wide(cfg):
-  raise FoldError(
-      "fold(): Sparse Wide cannot fold: it is a wider network (every hidden width grows by "
-      f"sqrt(1/d), s={cfg.sparsity}), not a reparameterisation of the dense one; {_COMPRESS_HINT}")
+def _fold_rule(cfg: FamilyConfig) -> Optional[members_lib.MemberFold]:
+  """The member's fold rule from the members table; ``None`` for ``dense`` (nothing to fold).
+
+  Raises:
+    ValueError: for a family the table does not know.
+    FoldError: for a member without a fold rule (Sparse Wide), with its reason.
+  """
+  if cfg.family not in members_lib.member_names():
+    raise ValueError(f"fold(): unknown member {cfg.family!r}; expected one of "
+                     f"{members_lib.member_names()}")
+  member = members_lib.get_member(cfg.family)
+  if not member.transforms:
+    return None
+  if member.fold is None:
+    why = member.cannot_fold or "its members-table entry has no fold rule"
+    raise FoldError(f"fold(): {member.title} cannot fold: {why} (s={cfg.sparsity}); "
+                    f"{_COMPRESS_HINT}")
+  return member.fold
 
 
-#: ``family -> (is this parameter node a member?, fold it)``; ``None``: nothing to fold.
-_FOLDERS: dict[str, Optional[tuple[Callable[..., bool], Callable[..., _Folded]]]] = {
-    "dense": None,
-    "sparse_parallel": (_is_parallel, _fold_parallel),
-    "sparse_factorized": (_is_factorized, _fold_factorized),
-    "sparse_doped": (_is_doped, _fold_doped),
-}
-#: Members :func:`fold` can fold (with linear or BatchNorm-only insides).
-FOLDABLE_FAMILIES = tuple(f for f in _FOLDERS if f != "dense")
+#: Built-in members :func:`fold` can fold (with linear or BatchNorm-only insides); a registered
+#: member folds if its :class:`sift_jax.transformations.Member` has a ``fold`` rule.
+FOLDABLE_FAMILIES = tuple(name for name in members_lib.member_names()
+                          if members_lib.get_member(name).fold is not None)
 
 
 # ----------------------------------------------------------------------------- models
@@ -269,7 +278,13 @@ class _Target:
   apply_kwargs: Mapping[str, Any]
 
 
-_MEMBER_LAYERS = (layers_lib.SparseParallel, layers_lib.SparseFactorized, layers_lib.SparseDoped)
+def _layer_member(model: Any) -> Optional[members_lib.Member]:
+  """The member whose layer class ``model`` is (a bare SparseParallel, ...), else None."""
+  for name in members_lib.member_names():
+    member = members_lib.get_member(name)
+    if member.layer_type is not None and isinstance(model, member.layer_type):
+      return member
+  return None
 
 
 def member_config(model: Any) -> FamilyConfig:
@@ -282,19 +297,14 @@ def dense_counterpart(model: Any) -> nn.Module:
   return _target(model).dense_module
 
 
-def _layer_config(layer: nn.Module) -> FamilyConfig:
+def _layer_config(layer: nn.Module, member: members_lib.Member) -> FamilyConfig:
   ura = getattr(layer, "use_running_average", None)
   if ura is False:
     raise ValueError(f"fold(): {type(layer).__name__} {layer.name!r} is in train mode "
                      "(use_running_average=False); fold an inference-mode layer "
                      "(use_running_average=True) with its batch_stats")
-  if isinstance(layer, layers_lib.SparseParallel):
-    return FamilyConfig(family="sparse_parallel", norm=layer.branch_norm or "batch",
-                        parallel_norm=layer.branch_norm is not None,
-                        parallel_activation=layer.branch_activation)
-  if isinstance(layer, layers_lib.SparseFactorized):
-    return FamilyConfig(family="sparse_factorized", norm=layer.norm, factorized_mid=layer.mid)
-  return FamilyConfig(family="sparse_doped", doped_low_rank_init=layer.low_rank_init)
+  assert member.layer_options is not None  # Member requires it with layer_type
+  return FamilyConfig(family=member.name, **member.layer_options(layer))
 
 
 def _target(model: Any, example_input: Any = None) -> _Target:
@@ -310,8 +320,9 @@ def _target(model: Any, example_input: Any = None) -> _Target:
       tuple(np.shape(example_input)), jnp.dtype(example_input.dtype))
   if isinstance(model, TransformedModel):
     return _Target(model.config, model.base_model(), abstract, {})
-  if isinstance(model, _MEMBER_LAYERS):
-    return _Target(_layer_config(model), model.layer.clone(parent=None), None, {})
+  layer_member = _layer_member(model)
+  if layer_member is not None:
+    return _Target(_layer_config(model, layer_member), model.layer.clone(parent=None), None, {})
   cfg = getattr(model, "sift", None)
   if isinstance(model, nn.Module) and isinstance(cfg, FamilyConfig):
     # A registry architecture built directly (e.g. models.ResNet(..., sift=cfg)): its dense
@@ -443,15 +454,11 @@ def fold(model: Any, variables: Any, masks: Any = None, *,
   if masks is not None:
     masked = mask_ops.apply_masks(variables["params"], _plain(masks))
     variables = dict(variables, params=_plain(masked))
-  if cfg.family == "sparse_wide":
-    _sparse_wide(cfg)
-  if cfg.family not in _FOLDERS:
-    raise ValueError(f"fold(): unknown member {cfg.family!r}; expected one of {FAMILIES}")
-  if isinstance(model, _MEMBER_LAYERS):
-    return _fold_layer(model, cfg, variables)
-  folder = _FOLDERS[cfg.family]
+  folder = _fold_rule(cfg)
   if folder is None:
     return target.dense_module, variables
+  if _layer_member(model) is not None:
+    return _fold_layer(model, cfg, folder, variables)
   is_member, fold_member = folder
   layout = _dense_layout(target)
   out = _plain(variables)  # fresh dicts: the caller's variables are not modified
@@ -472,8 +479,9 @@ def fold(model: Any, variables: Any, masks: Any = None, *,
   return target.dense_module, out
 
 
-def _fold_layer(layer: nn.Module, cfg: FamilyConfig, variables: dict) -> tuple[nn.Module, dict]:
-  is_member, fold_member = _FOLDERS[cfg.family]
+def _fold_layer(layer: nn.Module, cfg: FamilyConfig, folder: members_lib.MemberFold,
+                variables: dict) -> tuple[nn.Module, dict]:
+  is_member, fold_member = folder
   params, stats = variables["params"], variables.get("batch_stats")
   if not is_member(params):
     raise ValueError(f"fold(): the params (entries {sorted(params)}) are not those of a "

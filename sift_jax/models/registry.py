@@ -27,7 +27,7 @@ from sift_jax.models import gpt as gpt_lib
 from sift_jax.models import mnist1d as mnist1d_lib
 from sift_jax.models import mobilenet as mobilenet_lib
 from sift_jax.models import resnet as resnet_lib
-from sift_jax.transformations import isoflop, sizes
+from sift_jax.transformations import isoflop, members
 from sift_jax.transformations.family import FamilyConfig
 
 __all__ = ["ModelSpec", "get_model", "list_models", "describe_transformed"]
@@ -111,7 +111,7 @@ class ModelSpec:
   def base_dense_macs(self) -> int:
     """Dense MACs of the untransformed model for one example."""
     if "base_dense_macs" not in self._cache:
-      if self.family == "dense":
+      if not members.get_member(self.family).transforms:
         self._cache["base_dense_macs"] = self.mac_count().total
       else:
         self._cache["base_dense_macs"] = _dense_macs(self.base_module, self.example_input())
@@ -185,8 +185,8 @@ def _resnet_builder(stage_sizes, *, bottleneck: bool, cifar: bool, default_class
   def build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
     n_cls = default_classes if num_classes is None else num_classes
     base = (64, 128, 256, 512)
-    if cfg.family == "sparse_wide" and cfg.reference:
-      # Reference: base width int(64 * sqrt(round(1/d))), stages 1x, 2x, 4x, 8x of it.
+    if cfg.member.widens and cfg.reference:
+      # Reference (Sparse Wide): base width int(64 * sqrt(round(1/d))), stages 1x, 2x, 4x, 8x of it.
       w0 = cfg.width(64, what="base width")
       widths = tuple(w0 * m for m in (1, 2, 4, 8))
     else:
@@ -195,8 +195,9 @@ def _resnet_builder(stage_sizes, *, bottleneck: bool, cifar: bool, default_class
       # Reference Parallel: a BatchNorm per branch; ImageNet also a ReLU inside each branch.
       cfg = dataclasses.replace(cfg, parallel_norm=True,
                                 parallel_activation=None if cifar else nn.relu)
-    # The reference zero-initialises the last BatchNorm only of its plain blocks (dense, wide).
-    zero_init = not cfg.reference or cfg.family in ("dense", "sparse_wide")
+    # The reference zero-initialises the last BatchNorm only of its plain blocks (dense, wide):
+    # those of members whose layer is the template itself.
+    zero_init = not cfg.reference or cfg.member.layer is None
     module = resnet_lib.ResNet(stage_sizes=tuple(stage_sizes), widths=widths, stem_width=widths[0],
                                num_classes=n_cls, bottleneck=bottleneck, cifar_stem=cifar, sift=cfg,
                                zero_init_residual=zero_init)
@@ -252,12 +253,12 @@ def _mlp_dense_layers(cfg: FamilyConfig) -> tuple[str, ...]:
   under Sparse Wide: it widens the stem's output by ``k = sqrt(1/d)``, and a
   dense stem would then cost ``k`` times its dense MACs, more than the whole
   budget once the input is wide (64 pixels at s = 0.9, 784 at any s). So under
-  Sparse Wide the stem keeps its input width, has ``k`` times the outputs and
-  is masked at the solved sparsity like the hidden layers: it costs
-  ``d * k = sqrt(d)`` of its dense MACs. The head (``k`` times the inputs,
-  fixed outputs) stays dense, as in the ResNets.
+  Sparse Wide (any widening member) the stem keeps its input width, has ``k``
+  times the outputs and is masked at the solved sparsity like the hidden
+  layers: it costs ``d * k = sqrt(d)`` of its dense MACs. The head (``k``
+  times the inputs, fixed outputs) stays dense, as in the ResNets.
   """
-  if cfg.family == "sparse_wide":
+  if cfg.member.widens:
     return (r"^head/",)
   return (r"^stem/", r"^head/")
 
@@ -353,7 +354,8 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
 
   Args:
     name: One of :func:`list_models`.
-    family: ``"dense"`` or a member (:data:`sift_jax.transformations.FAMILIES`).
+    family: ``"dense"`` or a member (:data:`sift_jax.transformations.FAMILIES`, or one
+      added with :func:`sift_jax.transformations.register_member`).
     sparsity: Nominal sparsity ``s`` in [0, 1). For ``"dense"`` it is the
       sparsity of the plain (non-iso-FLOP) sparse baseline.
     reference: Use the authors' PyTorch rules (ranks, widths, Parallel norms,
@@ -392,7 +394,7 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
   entry = _MODELS[name]
-  sizes.check_family(family)
+  member = members.get_member(family)
   s = check_sparsity(sparsity)
   unknown = sorted(set(kw) - set(entry.kwargs) - set(_MEMBER_KWARGS))
   if unknown:
@@ -421,19 +423,16 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
   built = entry.build(cfg, num_classes, input_shape, kw)
   base = entry.build(FamilyConfig(norm=norm, factorized_mid=mid), num_classes, input_shape,
                      kw).module
-  dense = built.dense
-  if family == "sparse_doped" and not reference:
-    dense = dense + (r"/U/kernel$", r"/V/kernel$")  # paper: only S is sparse
+  dense = built.dense + member.dense_regexes(reference)  # e.g. Sparse Doped's U V (paper)
   policy = selection.SparsityPolicy(dense=dense)
   x = jax.ShapeDtypeStruct((1,) + tuple(built.input_shape), built.input_dtype)
   info: dict[str, Any] = {"widths": dict(built.widths), "factorized_mid": mid}
   cache: dict[str, Any] = {}
-  if family == "dense":
-    solved, method = s, "nominal"
+  method = member.solve_method(reference)
+  if not member.transforms:
+    solved = s
   else:
     macs, variables, output = flops.trace_macs(built.module, x, train=False)
-    method = ("closed_form" if not reference else
-              "reference_bisection" if family == "sparse_wide" else "nominal")
     budget = _dense_macs(base, x)
     sol = isoflop.solve_sparsity(macs, variables["params"], policy, base_dense_macs=budget,
                                  nominal_sparsity=s, method=method,

@@ -25,6 +25,7 @@ from sift_jax.masks.densities import DISTRIBUTIONS
 from sift_jax.optim.schedules import DROP_SCHEDULES
 from sift_jax.optim.sparse import SCOPES
 from sift_jax.training import optimizers
+from sift_jax.transformations import members, sizes
 
 __all__ = ["default_config", "validate_config", "apply_overrides", "flatten_config", "check_key",
            "resume_config", "resume_differences", "RESUME_OPERATIONAL_KEYS", "FREE_SECTIONS",
@@ -75,7 +76,9 @@ class _Missing:
 
 # Value of a key one side of :func:`resume_differences` does not have.
 MISSING = _Missing()
-FAMILIES = ("dense", "sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+# The built-in members; model.family accepts every registered one
+# (sift_jax.transformations.member_names()).
+FAMILIES = sizes.FAMILIES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -350,9 +353,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      "sift_jax.training.default_config()")
   c = config
   _check(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "must be an int >= 0")
-  _check(c.model.family in FAMILIES, "model.family", c.model.family, f"must be one of {FAMILIES}")
+  _check(c.model.family in members.member_names(), "model.family", c.model.family,
+         f"must be one of {members.member_names()}")
   _check(0.0 <= float(c.model.sparsity) < 1.0, "model.sparsity", c.model.sparsity, "must be in [0, 1)")
-  _check(c.model.family == "dense" or c.model.sparsity > 0, "model.family", c.model.family,
+  _check(not members.get_member(c.model.family).transforms or c.model.sparsity > 0, "model.family",
+         c.model.family,
          "a Sparse-IFT member needs model.sparsity > 0")
   _check(c.sparse.method in SPARSE_METHODS, "sparse.method", c.sparse.method,
          f"must be one of {SPARSE_METHODS}")

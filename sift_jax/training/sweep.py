@@ -34,6 +34,8 @@ import numpy as np
 
 from sift_jax.training import config as config_lib
 from sift_jax.training import loop
+from sift_jax.transformations import members as members_lib
+from sift_jax.transformations import sizes
 
 __all__ = ["SweepRun", "MEMBERS", "family_grid", "run_sweep", "aggregate", "format_table", "load_config_module",
            "runs_from_module", "main"]
@@ -47,7 +49,9 @@ class SweepRun:
   overrides: Mapping[str, Any]
 
 
-MEMBERS = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
+#: The built-in members (a member added with ``register_member`` is swept by passing
+#: ``members=``).
+MEMBERS = sizes.MEMBERS
 
 
 def family_grid(*, sparsities: Sequence[float] = (0.5, 0.75, 0.9),
@@ -58,7 +62,16 @@ def family_grid(*, sparsities: Sequence[float] = (0.5, 0.75, 0.9),
   and ``static_members`` x sparsity with static masks.
 
   Run names: ``"dense"``, ``"<member>-<s>-<method>"`` (e.g. ``"sparse_wide-0.9-rigl"``).
+
+  Raises:
+    ValueError: for a member name that is not registered or an unknown
+      ``method``, naming it.
   """
+  for member in (*members, *static_members):
+    members_lib.get_member(member)
+  if method not in config_lib.SPARSE_METHODS:
+    raise ValueError(f"family_grid(): method={method!r} is not a sparse method; known: "
+                     f"{config_lib.SPARSE_METHODS}")
   runs = [SweepRun("dense", {"model.family": "dense", "model.sparsity": 0.0,
                              "sparse.method": "none"})] if include_dense else []
   for member in members:

@@ -9,6 +9,9 @@ from sift_jax.transformations.layers import (BATCH_NORM_EPSILON, BATCH_NORM_MOME
                                              DOPED_LOW_RANK_INITS, FACTORIZED_MIDS, NORMS,
                                              SparseDoped, SparseFactorized,
                                              SparseParallel, layer_kind, template_dims, widen)
+from sift_jax.transformations.members import (DOPED_DENSE_PARTS, LayerFactory, Member, MemberFold,
+                                              WidthRule, get_member, member_names,
+                                              register_member, unregister_member)
 from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, check_round_to,
                                             layer_dims, round_to_multiple, sparse_doped_rank,
                                             sparse_factorized_rank, sparse_parallel_branches,
@@ -16,7 +19,9 @@ from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, che
 from sift_jax.transformations.transform import TransformedModel, transform, transformed_policy
 
 __all__ = [
-    "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "BranchOverlap", "DOPED_LOW_RANK_INITS",
+    "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "BranchOverlap", "DOPED_DENSE_PARTS",
+    "DOPED_LOW_RANK_INITS", "LayerFactory", "Member", "MemberFold", "WidthRule", "get_member",
+    "member_names", "register_member", "unregister_member",
     "FACTORIZED_MIDS", "FAMILIES", "FamilyConfig", "branch_mask_overlap",
     "ISO_FLOP_TOLERANCE", "IsoFlopSolution", "IsoFlopToleranceWarning", "MEMBERS", "NORMS",
     "SOLVE_METHODS", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",

@@ -9,6 +9,7 @@ import flax.linen as nn
 
 from sift_jax.masks.densities import check_sparsity
 from sift_jax.transformations import layers as layers_lib
+from sift_jax.transformations import members as members_lib
 from sift_jax.transformations import sizes
 
 __all__ = ["FamilyConfig"]
@@ -19,7 +20,9 @@ class FamilyConfig:
   """Which Sparse-IFT member to apply, at which sparsity, with which rules.
 
   Attributes:
-    family: One of :data:`sift_jax.transformations.sizes.FAMILIES`.
+    family: A registered member's name (:func:`sift_jax.transformations.member_names`:
+      :data:`sift_jax.transformations.FAMILIES` and those added with
+      :func:`sift_jax.transformations.register_member`).
     sparsity: Nominal sparsity ``s`` in [0, 1) that sizes the member.
     reference: The authors' PyTorch size rules where they differ from the
       paper: Factorized rank ``ceil``, Doped rank ``floor``, Sparse Wide
@@ -61,7 +64,7 @@ class FamilyConfig:
   doped_low_rank_init: str = "step_matched"
 
   def __post_init__(self):
-    sizes.check_family(self.family)
+    members_lib.get_member(self.family)
     object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
     object.__setattr__(self, "round_to", sizes.check_round_to(self.round_to))
     if self.factorized_mid not in layers_lib.FACTORIZED_MIDS:
@@ -74,34 +77,41 @@ class FamilyConfig:
       raise ValueError(f"norm must be one of {layers_lib.NORMS}, got {self.norm!r}")
 
   @property
+  def member(self) -> members_lib.Member:
+    """The :class:`sift_jax.transformations.Member` named by ``family``."""
+    return members_lib.get_member(self.family)
+
+  @property
   def branch_norms(self) -> bool:
-    """True when this is Sparse Parallel with a norm on every branch.
+    """True when the member's layer ends in norms of its own (Sparse Parallel with branch norms).
 
     Models that follow a transformed layer with their own norm skip it then:
     the branch norms take its place (reference ResNet blocks).
     """
-    return self.family == "sparse_parallel" and self.parallel_norm
+    return bool(self.member.replaces_norm(self))
 
   @property
   def is_member(self) -> bool:
-    """True for the four Sparse-IFT members, False for ``"dense"``."""
-    return self.family != "dense"
+    """True for the Sparse-IFT members, False for ``"dense"``."""
+    return self.member.transforms
 
   def width(self, features: int, *, what: str = "width") -> int:
-    """Output width of a widened layer: Sparse Wide's rule, else ``features``."""
-    if self.family != "sparse_wide":
+    """Output width of a widened layer: the member's width rule (Sparse Wide's), else ``features``."""
+    rule = self.member.width
+    if rule is None:
       return int(features)
-    return sizes.sparse_wide_width(features, self.sparsity, round_to=self.round_to,
-                                   reference=self.reference, what=what)
+    return int(rule(self, int(features), what=what))
 
   def wrap(self, template: Any, *, use_running_average: Optional[bool] = None,
            **module_kwargs: Any) -> nn.Module:
     """Returns the module replacing the dense layer ``template``.
 
-    ``dense`` and ``sparse_wide`` return the template itself (Sparse Wide
-    widths are chosen by the caller with :meth:`width`, because whether a
-    layer's output grows depends on its place in the network). The other
-    members return the corresponding layer of :mod:`.layers` around it.
+    Members without a layer factory (``dense`` and ``sparse_wide``) return the
+    template itself (Sparse Wide widths are chosen by the caller with
+    :meth:`width`, because whether a layer's output grows depends on its
+    place in the network). The others return their
+    :attr:`sift_jax.transformations.Member.layer` around it (the layers of
+    :mod:`.layers` for the built-in members).
 
     Args:
       template: Unbound ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv``.
@@ -109,23 +119,10 @@ class FamilyConfig:
       **module_kwargs: ``name`` and/or ``parent`` of the returned module.
     """
     layers_lib.layer_kind(template)
-    if self.family in ("dense", "sparse_wide"):
+    factory = self.member.layer
+    if factory is None:
       return template.copy(**module_kwargs)
-    if self.family == "sparse_parallel":
-      return layers_lib.SparseParallel(
-          template, sparsity=self.sparsity, reference=self.reference,
-          branch_norm=self.norm if self.parallel_norm else None,
-          branch_activation=self.parallel_activation,
-          use_running_average=use_running_average if self.parallel_norm else None, **module_kwargs)
-    if self.family == "sparse_factorized":
-      return layers_lib.SparseFactorized(
-          template, sparsity=self.sparsity, round_to=self.round_to, reference=self.reference,
-          mid=self.factorized_mid, norm=self.norm,
-          use_running_average=use_running_average if self.factorized_mid != "linear" else None,
-          **module_kwargs)
-    return layers_lib.SparseDoped(template, sparsity=self.sparsity, round_to=self.round_to,
-                                  reference=self.reference, low_rank_init=self.doped_low_rank_init,
-                                  **module_kwargs)
+    return factory(self, template, use_running_average=use_running_average, **module_kwargs)
 
   def layer(self, cls: type, *args: Any, name: str, use_running_average: Optional[bool] = None,
             **kwargs: Any) -> nn.Module:

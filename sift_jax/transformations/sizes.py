@@ -37,17 +37,19 @@ __all__ = [
     "sparse_factorized_rank", "sparse_doped_rank",
 ]
 
-#: The Sparse-IFT members.
+#: The built-in Sparse-IFT members (the table :mod:`sift_jax.transformations.members` holds
+#: them, and any registered with :func:`sift_jax.transformations.register_member`).
 MEMBERS = ("sparse_wide", "sparse_parallel", "sparse_factorized", "sparse_doped")
-#: Every accepted ``family`` value: the untransformed model and the four members.
+#: The built-in ``family`` values: the untransformed model and the four members
+#: (:func:`sift_jax.transformations.member_names` lists registered ones too).
 FAMILIES = ("dense",) + MEMBERS
 
 
 def check_family(family: str) -> str:
-  """Returns ``family`` if it is one of :data:`FAMILIES`, else raises ValueError."""
-  if family not in FAMILIES:
-    raise ValueError(f"unknown Sparse-IFT family {family!r}; expected one of {FAMILIES}")
-  return family
+  """Returns ``family`` if it names a registered member, else raises ValueError naming it."""
+  # Imported here: the members table builds on the size rules of this module.
+  from sift_jax.transformations import members  # pylint: disable=g-import-not-at-top
+  return members.get_member(family).name
 
 
 def check_round_to(round_to: int) -> int:

@@ -58,6 +58,7 @@ from sift_jax import flops
 from sift_jax.masks import selection
 from sift_jax.transformations import isoflop
 from sift_jax.transformations import layers as layers_lib
+from sift_jax.transformations import members as members_lib
 from sift_jax.transformations.family import FamilyConfig
 
 __all__ = ["transform", "TransformedModel", "transformed_policy"]
@@ -88,12 +89,15 @@ def transformed_policy(policy: Optional[selection.SparsityPolicy], family: str,
 
   The user's rules carry over (they match the new paths as long as they do
   not anchor the end at the layer name: ``"Dense_2"`` matches
-  ``"Dense_2/U/kernel"``). Sparse Doped keeps ``U`` and ``V`` dense (paper);
-  with ``reference=True`` they are masked too, as in the reference code.
+  ``"Dense_2/U/kernel"``). The member's dense parts are added
+  (:meth:`sift_jax.transformations.Member.dense_regexes`): Sparse Doped keeps
+  ``U`` and ``V`` dense (paper); with ``reference=True`` they are masked too,
+  as in the reference code.
   """
   policy = selection.SparsityPolicy() if policy is None else policy
-  if family == "sparse_doped" and not reference:
-    policy = policy.with_dense(r"(^|/)U/kernel$", r"(^|/)V/kernel$")
+  dense_parts = members_lib.get_member(family).dense_regexes(reference)
+  if dense_parts:
+    policy = policy.with_dense(*dense_parts)
   return policy
 
 
@@ -183,7 +187,7 @@ class _Interceptor:
   def _selected(self, path: str, module: Any, x: Any) -> bool:
     if self.owner.layers is not None:
       return any(re.search(p, path) for p in self.owner.layers)
-    if self.config.family == "sparse_wide":
+    if self.config.member.widens:
       return True
     policy = self.owner.policy if self.owner.policy is not None else selection.SparsityPolicy()
     return policy.decide(f"{path}/kernel", _kernel_struct(module, x)).sparse
@@ -214,8 +218,9 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     path = _rel_path(module, self.root)
     self.seen.append(path)
-    wide = self.config.family == "sparse_wide"
-    keep = (self.config.family == "dense" or not self._selected(path, module, x)
+    member = self.config.member
+    wide = member.widens
+    keep = (not member.transforms or not self._selected(path, module, x)
             or (wide and any(re.search(p, path) for p in self.output_layers)))
     if keep:
       return self._call(path, wide, lambda: next_fun(*args, **kwargs))
@@ -311,9 +316,10 @@ class TransformedModel(nn.Module):
     root = tuple(self.scope.path)
     output_layers = self.output_layers
     expected = None
-    if self.config.family == "sparse_wide":
-      # Sparse Wide is the one member that can change a model's output shape (a widened layer
-      # that writes the output): trace the original abstractly and compare, always.
+    member = self.config.member
+    if member.widens:
+      # A widening member (Sparse Wide) is the one kind that can change a model's output shape
+      # (a widened layer that writes the output): trace the original abstractly and compare.
       calls, expected = self._record(args, kwargs)
       if not calls:
         raise ValueError(f"transform(): {self.wrapped!r} calls no transformable nn.Dense, "
@@ -325,14 +331,14 @@ class TransformedModel(nn.Module):
       with nn.intercept_methods(interceptor):
         out = self.wrapped.module.clone(parent=self.scope)(*args, **kwargs)
     except TypeError as e:
-      if self.config.family != "sparse_wide":
+      if not member.widens:
         raise
       # Typically an add of a widened branch to an unwidened residual stream.
       raise ValueError(
           f"transform(): {self.wrapped!r} failed under Sparse Wide ({e}); pass output_layers= with "
           "the layers that write the model output and any residual stream (layers widened: "
           f"{_unique(interceptor.transformed)})") from e
-    if self.config.family != "dense" and not interceptor.transformed:
+    if member.transforms and not interceptor.transformed:
       skipped = "".join(f"; not transformed: {p!r} ({why})"
                         for p, why in interceptor.skipped.items())
       seen = _unique(interceptor.seen) or "none (no transformable nn.Dense/nn.DenseGeneral/nn.Conv)"
@@ -413,12 +419,7 @@ class TransformedModel(nn.Module):
     base = self.base_model()
     base_macs = _macs_at_init(base, inputs, apply_kwargs)[0].total
     macs, variables = _macs_at_init(self, inputs, apply_kwargs)
-    if cfg.family == "dense":
-      method = "nominal"
-    elif cfg.reference:
-      method = "reference_bisection" if cfg.family == "sparse_wide" else "nominal"
-    else:
-      method = "closed_form"
+    method = cfg.member.solve_method(cfg.reference)
     return isoflop.solve_sparsity(macs, variables["params"], self.sparsity_policy(),
                                   base_dense_macs=base_macs, nominal_sparsity=cfg.sparsity,
                                   method=method, what=f"transformed {self.wrapped!r}")
@@ -477,7 +478,8 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   Args:
     model: An unbound Linen module.
     family: ``"dense"``, ``"sparse_wide"``, ``"sparse_parallel"``,
-      ``"sparse_factorized"`` or ``"sparse_doped"``.
+      ``"sparse_factorized"``, ``"sparse_doped"`` or a member added with
+      :func:`sift_jax.transformations.register_member`.
     sparsity: Nominal sparsity ``s`` in [0, 1) that sizes the member.
     policy: The user's :class:`sift_jax.SparsityPolicy` for the original
       model; it selects the layers to transform (unless ``layers`` is given)
@@ -515,7 +517,7 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   if parallel_activation is not None and not callable(parallel_activation):
     raise ValueError(f"transform(): parallel_activation must be callable or None, got "
                      f"{parallel_activation!r}")
-  if family == "dense" and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) \
+  if not members_lib.get_member(family).transforms and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) \
       and float(sparsity) != 0.0:
     raise ValueError(f"transform(family='dense') returns the model unchanged, so sparsity has no "
                      f"meaning there; got sparsity={sparsity!r} (pass 0, or a member such as "
