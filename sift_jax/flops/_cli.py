@@ -23,7 +23,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       prog="python -m sift_jax.flops",
       description="Per-layer forward MACs (batch 1) of a Sparse-IFT model, dense and sparse.")
   parser.add_argument("--model", required=True, help=f"one of {', '.join(models.list_models())}")
-  parser.add_argument("--family", default="dense", help=f"one of {', '.join(members.member_names())}")
+  parser.add_argument("--family", default="dense",
+                      help=f"one of {', '.join(members.member_names())}")
   parser.add_argument("--sparsity", type=float, default=0.0, help="nominal sparsity s in [0, 1)")
   parser.add_argument("--reference", action="store_true", help="reproduce the authors' PyTorch rules")
   parser.add_argument("--round-to", type=int, default=1, help="round widths and ranks to this multiple")

@@ -96,7 +96,7 @@ class FamilyConfig:
     return self.member.transforms
 
   def width(self, features: int, *, what: str = "width") -> int:
-    """Output width of a widened layer: the member's width rule (Sparse Wide's), else ``features``."""
+    """Output width of a widened layer: the member's width rule (Sparse Wide's), else unchanged."""
     rule = self.member.width
     if rule is None:
       return int(features)

@@ -517,7 +517,8 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   if parallel_activation is not None and not callable(parallel_activation):
     raise ValueError(f"transform(): parallel_activation must be callable or None, got "
                      f"{parallel_activation!r}")
-  if not members_lib.get_member(family).transforms and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) \
+  untransformed = not members_lib.get_member(family).transforms  # "dense"
+  if untransformed and isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) \
       and float(sparsity) != 0.0:
     raise ValueError(f"transform(family='dense') returns the model unchanged, so sparsity has no "
                      f"meaning there; got sparsity={sparsity!r} (pass 0, or a member such as "
