@@ -123,7 +123,7 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image
   squeeze = image.ndim == 3 and image.shape[-1] == 1
   pil = Image.fromarray(image[..., 0] if squeeze else image)
-  out = np.asarray(pil.resize((width, height), resample=Image.BILINEAR))
+  out = np.asarray(pil.resize((width, height), resample=Image.Resampling.BILINEAR))
   return out[..., None] if squeeze else out
 
 
@@ -230,7 +230,7 @@ class ImageClassificationTransform(grain.transforms.RandomMap):
 
   def random_map(
       self, element: Mapping[str, Any], rng: np.random.Generator
-  ) -> dict[str, np.ndarray]:
+  ) -> dict[str, np.ndarray | np.generic]:
     image = np.asarray(element["image"])
     if image.ndim == 2:  # grayscale stored without a channel axis
       image = image[..., None]
@@ -250,7 +250,7 @@ class ImageClassificationTransform(grain.transforms.RandomMap):
         "label": np.int32(element["label"]),
     }
 
-  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray | np.generic]:
     """Deterministic application (only valid for non-random recipes)."""
     if self.is_random:
       raise ValueError(
