@@ -180,6 +180,7 @@ def _fold_parallel(node, stats, where, cfg):
     if c is not None:
       bias = c if bias is None else bias + c
   norms = tuple(f"{b}_norm" for b, n in zip(branches, normed) if n)
+  assert kernel is not None  # branches is non-empty (checked above)
   return _Folded(kernel, bias, norms)
 
 
@@ -473,7 +474,9 @@ def fold(model: Any, variables: Any, masks: Any = None, *,
 
 
 def _fold_layer(layer: nn.Module, cfg: FamilyConfig, variables: dict) -> tuple[nn.Module, dict]:
-  is_member, fold_member = _FOLDERS[cfg.family]
+  folder = _FOLDERS[cfg.family]
+  assert folder is not None  # a member layer's family is a member, never "dense"
+  is_member, fold_member = folder
   params, stats = variables["params"], variables.get("batch_stats")
   if not is_member(params):
     raise ValueError(f"fold(): the params (entries {sorted(params)}) are not those of a "
