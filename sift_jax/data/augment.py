@@ -229,17 +229,19 @@ class ImageClassificationTransform(grain.transforms.RandomMap):
     return self.recipe in ("cifar_train", "imagenet_train")
 
   def random_map(
-      self, element: Mapping[str, Any], rng: np.random.Generator
+      self, element: Mapping[str, Any], rng: np.random.Generator | None
   ) -> dict[str, np.ndarray | np.generic]:
     image = np.asarray(element["image"])
     if image.ndim == 2:  # grayscale stored without a channel axis
       image = image[..., None]
     if self.recipe == "cifar_train":
+      rng = self._rng_of_random_recipe(rng)
       image = random_crop_with_padding(
           image, rng, size=self.image_size, padding=self.padding
       )
       image = random_horizontal_flip(image, rng)
     elif self.recipe == "imagenet_train":
+      rng = self._rng_of_random_recipe(rng)
       image = random_resized_crop(image, rng, size=self.image_size)
       image = random_horizontal_flip(image, rng)
     elif self.recipe == "imagenet_eval":
@@ -256,4 +258,9 @@ class ImageClassificationTransform(grain.transforms.RandomMap):
       raise ValueError(
           f"recipe={self.recipe!r} is random; use random_map with an rng"
       )
-    return self.random_map(element, None)  # type: ignore[arg-type]
+    return self.random_map(element, None)
+
+  def _rng_of_random_recipe(self, rng: np.random.Generator | None) -> np.random.Generator:
+    if rng is None:
+      raise ValueError(f"recipe={self.recipe!r} is random; random_map needs an rng, got None")
+    return rng
