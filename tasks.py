@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Set-up and entry points that need nothing but ``python3`` and PyPI.
 
-  python3 tasks.py main [ARGS...]   # the main job: experiments/main.py
-  python3 tasks.py test [ARGS...]   # the whole test suite (pytest)
+  python3 tasks.py main [ARGS...]       # the main job: experiments/main.py
+  python3 tasks.py test [ARGS...]       # the type check (mypy), then the test suite (pytest)
+  python3 tasks.py typecheck [ARGS...]  # the type check alone
 
 Each command creates ``.venv`` next to this file on first use (or reuses it),
 installs the project with all its extras (``.[train,notebooks,test]``) into
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -49,17 +51,49 @@ def ensure_venv() -> None:
     f.write(digest + "\n")
 
 
+TASKS = ("main", "test", "typecheck")
+# mypy reads its settings ([tool.mypy]: which files, strictness) from pyproject.toml.
+MYPY = [PYTHON, "-m", "mypy", "--config-file", os.path.join(ROOT, "pyproject.toml")]
+
+
+def commands(task: str, args: list[str]) -> list[list[str]]:
+  """The commands ``task`` runs, in order; each must succeed for the next to run.
+
+  Extra arguments go to the last command (pytest for ``test``, mypy for ``typecheck``).
+  """
+  if task == "main":
+    return [[PYTHON, os.path.join(ROOT, "experiments", "main.py"), *args]]
+  if task == "test":
+    return [MYPY, [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", *args]]
+  if task == "typecheck":
+    return [MYPY + args]
+  raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _run_mypy(cmd: list[str], env: dict[str, str]) -> int:
+  """Runs mypy; prints one line when it passes, its report when it does not."""
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  files = re.search(r"in (\d+) source files?", proc.stdout)
+  if proc.returncode == 0:
+    print(f"[tasks] mypy: ok ({files.group(1) if files else '?'} files)", flush=True)
+  else:
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    print(f"[tasks] mypy: failed (exit status {proc.returncode}); fix the errors above", flush=True)
+  return proc.returncode
+
+
 def main(argv: list[str]) -> int:
-  if len(argv) < 1 or argv[0] not in ("main", "test"):
+  if len(argv) < 1 or argv[0] not in TASKS:
     print(__doc__.strip())
     return 2
   ensure_venv()
   env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-  if argv[0] == "main":
-    cmd = [PYTHON, os.path.join(ROOT, "experiments", "main.py"), *argv[1:]]
-  else:
-    cmd = [PYTHON, "-m", "pytest", "-p", "no:cacheprovider", *argv[1:]]
-  return subprocess.call(cmd, cwd=ROOT, env=env)
+  for cmd in commands(argv[0], argv[1:]):
+    rc = _run_mypy(cmd, env) if cmd[:3] == MYPY[:3] else subprocess.call(cmd, cwd=ROOT, env=env)
+    if rc != 0:
+      return rc
+  return 0
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def shardings_like_params(tree: Any, params: Any, params_shardings: Any, default
   shape (factored statistics that do not are given ``default``); every other
   leaf gets ``default``.
   """
-  params_def = jax.tree.structure(params)
+  params_def: jax.tree_util.PyTreeDef = jax.tree.structure(params)
   param_shapes = [tuple(np.shape(p)) for p in jax.tree.leaves(params)]
   param_leaves = params_def.flatten_up_to(params_shardings)
 

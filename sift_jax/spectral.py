@@ -43,7 +43,7 @@ import os
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -138,15 +138,18 @@ def _top_two_singular_values(matrix: np.ndarray, solver: str) -> tuple[float, fl
   # ARPACK needs k=2 < ncv < min_dim; tiny matrices always take the dense path.
   if solver == "sparse" and min_dim > 3:
     v0 = np.random.default_rng(_ARPACK_SEED).standard_normal(min_dim)
+    values: np.ndarray
     try:
-      values = scipy.sparse.linalg.svds(
+      # scipy-stubs types svds as always returning (u, s, vh); with
+      # return_singular_vectors=False it returns s alone.
+      values = cast(np.ndarray, scipy.sparse.linalg.svds(
           # Sparse first, then float64: no dense float64 copy of a large layer.
           scipy.sparse.csr_array(matrix).astype(np.float64),
           k=2,
           ncv=min(_ARPACK_NCV, min_dim - 1),
           v0=v0,
           return_singular_vectors=False,
-      )
+      ))
     except scipy.sparse.linalg.ArpackNoConvergence:
       values = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
   else:

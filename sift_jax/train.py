@@ -180,7 +180,7 @@ _STORAGE_OS_ERROR = re.compile(r"os_error_code='?(\d+)")
 _STORAGE_PATH = re.compile(r'"(/[^"]+)"')
 
 
-def _environment_error(e: BaseException) -> OSError | None:
+def _environment_error(e: BaseException | None) -> OSError | None:
   """The failed system call behind ``e`` (an OSError in its chain, or one tensorstore reports)."""
   seen = set()
   while e is not None and id(e) not in seen:
@@ -269,6 +269,7 @@ def main(argv: list[str]) -> int:
   # pylint: disable=import-outside-toplevel
   from sift_jax import _sigterm
   from sift_jax.training import loop
+  assert _WORKDIR.value is not None  # a required flag (absl checked it while parsing)
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     summary = loop.train_and_evaluate(_CONFIG.value, workdir, stop_requested=_sigterm.received)

@@ -337,3 +337,13 @@ def test_imagenet_split_names_are_checked(tmp_path):
   with pytest.raises(ValueError, match=r"'imagenet2012' has no split='test'"):
     data.make_dataset("imagenet2012", split="test", batch_size=8,
                       data_dir=tmp_path, process_index=0, process_count=1)
+
+
+def test_random_recipes_need_an_rng():
+  image = np.zeros((32, 32, 3), np.uint8)
+  transform = data.ImageClassificationTransform(
+      recipe="cifar_train", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  with pytest.raises(ValueError, match="recipe='cifar_train' is random; random_map needs an rng"):
+    transform.random_map({"image": image, "label": 0}, None)
+  with pytest.raises(ValueError, match="recipe='cifar_train' is random; use random_map"):
+    transform.map({"image": image, "label": 0})

@@ -1,10 +1,14 @@
 """Packaging: what `import sift_jax` pulls in, one version, license and typing marker."""
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 import tomllib
+import types
+
+import pytest
 
 import sift_jax
 
@@ -77,3 +81,78 @@ def test_flops_core_does_not_import_models_or_transformations():
   with open(os.path.join(flops_dir, "__init__.py")) as f:
     body = f.read()
   assert "def " not in body.replace("def __getattr__", ""), "flops/__init__.py only re-exports"
+
+
+def _load_tasks():
+  spec = importlib.util.spec_from_file_location("_sift_jax_tasks", os.path.join(ROOT, "tasks.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tasks_test_runs_mypy_with_the_project_config_before_pytest():
+  tasks = _load_tasks()
+  mypy = [tasks.PYTHON, "-m", "mypy", "--config-file", os.path.join(ROOT, "pyproject.toml")]
+  assert tasks.commands("test", ["-k", "rigl"]) == [
+      mypy, [tasks.PYTHON, "-m", "pytest", "-p", "no:cacheprovider", "-k", "rigl"]]
+  assert tasks.commands("typecheck", []) == [mypy]
+  assert tasks.commands("typecheck", ["sift_jax/masks"]) == [mypy + ["sift_jax/masks"]]
+  with pytest.raises(ValueError, match="'lint'"):
+    tasks.commands("lint", [])
+
+
+def test_tasks_test_stops_when_mypy_fails_and_reports_one_line_when_it_passes(monkeypatch, capsys):
+  tasks = _load_tasks()
+  mypy_result = {}
+  called = []
+
+  def run(cmd, **kwargs):
+    assert cmd[1:3] == ["-m", "mypy"] and kwargs["cwd"] == ROOT
+    return subprocess.CompletedProcess(cmd, mypy_result["rc"], stdout=mypy_result["out"], stderr="")
+
+  def call(cmd, **kwargs):
+    called.append(cmd[1:3])
+    return 0
+
+  monkeypatch.setattr(tasks, "ensure_venv", lambda: None)
+  monkeypatch.setattr(tasks, "subprocess", types.SimpleNamespace(run=run, call=call))
+  mypy_result.update(rc=1, out="sift_jax/x.py:3: error: bad  [arg-type]\n"
+                                "Found 1 error in 1 file (checked 56 source files)\n")
+  assert tasks.main(["test"]) == 1
+  assert called == []  # pytest never started
+  out = capsys.readouterr().out
+  assert "sift_jax/x.py:3: error: bad" in out and "[tasks] mypy: failed (exit status 1)" in out
+  mypy_result.update(rc=0, out="Success: no issues found in 56 source files\n")
+  assert tasks.main(["test", "-x"]) == 0
+  assert called == [["-m", "pytest"]]
+  assert capsys.readouterr().out.splitlines() == ["[tasks] mypy: ok (56 files)"]
+  assert tasks.main(["typecheck"]) == 0 and called == [["-m", "pytest"]]
+
+
+def test_mypy_config_checks_the_package_and_names_each_untyped_dependency():
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    pyproject = tomllib.load(f)
+  mypy = pyproject["tool"]["mypy"]
+  assert mypy["files"] == ["sift_jax"] and mypy["python_version"] == "3.11"
+  assert mypy["check_untyped_defs"] is True and "ignore_missing_imports" not in mypy
+  (override,) = mypy["overrides"]
+  assert override["ignore_missing_imports"] is True
+  assert "*" not in override["module"] and "optax" in override["module"]
+  assert not any(m.startswith(("jax", "flax", "numpy", "scipy")) for m in override["module"])
+  test_extra = {re.split(r"[<>=!~ ]", d)[0] for d in pyproject["project"]["optional-dependencies"]["test"]}
+  assert {"mypy", "scipy-stubs", "types-tqdm"} <= test_extra
+  with open(os.path.join(ROOT, "requirements-test.txt")) as f:
+    assert {"mypy", "scipy-stubs", "types-tqdm"} <= {re.split(r"[<>=!~ ]", l.strip())[0] for l in f}
+
+
+def test_no_unexplained_type_ignores():
+  # Every `type: ignore` names its error code and says why on the line above it.
+  for dirpath, _, names in os.walk(os.path.join(ROOT, "sift_jax")):
+    for name in (n for n in names if n.endswith(".py")):
+      with open(os.path.join(dirpath, name)) as f:
+        lines = f.read().splitlines()
+      for i, line in enumerate(lines):
+        if "type: ignore" in line:
+          where = f"{os.path.relpath(os.path.join(dirpath, name), ROOT)}:{i + 1}"
+          assert re.search(r"type: ignore\[[a-z-]+(, ?[a-z-]+)*\]", line), where
+          assert lines[i - 1].strip().startswith("#"), where

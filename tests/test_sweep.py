@@ -112,3 +112,10 @@ def test_sweep_cli(tmp_path, capsys):
   assert data["records"][0]["summary"]["steps"] == 10
   assert sweep.main(["--config", config, "--workdir", str(tmp_path), "--only", "nope"]) == 1
   assert "--only names ['nope']" in capsys.readouterr().err
+
+
+def test_config_file_that_is_not_python_is_refused(tmp_path):
+  path = tmp_path / "config.txt"
+  path.write_text("def get_config():\n  return None\n")
+  with pytest.raises(ValueError, match=r"config file .*config\.txt is not an importable Python file"):
+    sweep.load_config_module(str(path))

@@ -354,3 +354,14 @@ def test_bad_model_kwargs_are_named_in_the_error(tmp_path):
                                        r"\(32, 32\)\}\) does not build a model: ValueError: mlp_mnist1d: unknown keyword argument\(s\) \[.hiddne.\]"):
     training.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_metrics_writer_refuses_a_write_after_close(tmp_path):
+  from sift_jax.training import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False)
+  writer.write(3, "train", {"loss": 0.5})
+  writer.close()
+  with pytest.raises(ValueError, match=r"MetricsWriter.write\(step=4, split='train'\) after close"):
+    writer.write(4, "train", {"loss": 0.25})
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert f.read().splitlines() == ['{"step": 3, "split": "train", "loss": 0.5}']

@@ -123,7 +123,7 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image
   squeeze = image.ndim == 3 and image.shape[-1] == 1
   pil = Image.fromarray(image[..., 0] if squeeze else image)
-  out = np.asarray(pil.resize((width, height), resample=Image.BILINEAR))
+  out = np.asarray(pil.resize((width, height), resample=Image.Resampling.BILINEAR))
   return out[..., None] if squeeze else out
 
 
@@ -229,17 +229,19 @@ class ImageClassificationTransform(grain.transforms.RandomMap):
     return self.recipe in ("cifar_train", "imagenet_train")
 
   def random_map(
-      self, element: Mapping[str, Any], rng: np.random.Generator
-  ) -> dict[str, np.ndarray]:
+      self, element: Mapping[str, Any], rng: np.random.Generator | None
+  ) -> dict[str, np.ndarray | np.generic]:
     image = np.asarray(element["image"])
     if image.ndim == 2:  # grayscale stored without a channel axis
       image = image[..., None]
     if self.recipe == "cifar_train":
+      rng = self._rng_of_random_recipe(rng)
       image = random_crop_with_padding(
           image, rng, size=self.image_size, padding=self.padding
       )
       image = random_horizontal_flip(image, rng)
     elif self.recipe == "imagenet_train":
+      rng = self._rng_of_random_recipe(rng)
       image = random_resized_crop(image, rng, size=self.image_size)
       image = random_horizontal_flip(image, rng)
     elif self.recipe == "imagenet_eval":
@@ -250,10 +252,15 @@ class ImageClassificationTransform(grain.transforms.RandomMap):
         "label": np.int32(element["label"]),
     }
 
-  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray | np.generic]:
     """Deterministic application (only valid for non-random recipes)."""
     if self.is_random:
       raise ValueError(
           f"recipe={self.recipe!r} is random; use random_map with an rng"
       )
-    return self.random_map(element, None)  # type: ignore[arg-type]
+    return self.random_map(element, None)
+
+  def _rng_of_random_recipe(self, rng: np.random.Generator | None) -> np.random.Generator:
+    if rng is None:
+      raise ValueError(f"recipe={self.recipe!r} is random; random_map needs an rng, got None")
+    return rng

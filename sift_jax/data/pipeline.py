@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 
 import grain
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "ArraySource",
@@ -84,7 +85,7 @@ class DatasetInfo:
   task: Literal["classification", "lm"]
   num_examples: int
   input_shape: tuple[int, ...]
-  input_dtype: np.dtype
+  input_dtype: npt.DTypeLike  # a scalar type such as np.float32, as the loaders give it
   num_classes: int | None = None
   vocab_size: int | None = None
   mean: tuple[float, ...] | None = None
@@ -177,7 +178,7 @@ class _ProcessBatchDataset(grain.MapDataset):
       self._length = self._stream_length // global_batch_size
     else:
       self._length = -(-self._stream_length // global_batch_size)
-    self._empty_batch = None
+    self._empty_batch: dict[str, np.ndarray] | None = None
 
   def __len__(self) -> int:
     return self._length
@@ -260,7 +261,7 @@ class DataIterator:
     self._read_options = read_options
     self.local_batch_size = local_batch_size
     self._next_batch = 0
-    self._iterator = None
+    self._iterator: Any = None  # grain's (untyped) dataset iterator
 
   @property
   def num_batches(self) -> int | None:

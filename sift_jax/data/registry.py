@@ -120,8 +120,12 @@ def _split_base(split: str) -> str:
 _SLICE = re.compile(r"^(?P<base>[a-z_]+)\[(?P<start>-?\d*)(?P<sp>%?):(?P<stop>-?\d*)(?P<tp>%?)\]$")
 
 
-def _offline_split(name: str, split: str, allowed: tuple[str, ...]) -> tuple[str, slice | None]:
-  """``(base split, slice of its examples or None)`` of ``"train"`` or ``"train[a:b]"``.
+def _offline_split(name: str, split: str,
+                   allowed: tuple[str, ...]) -> tuple[str, tuple[str, str, str, str] | None]:
+  """``(base split, bounds or None)`` of ``"train"`` or ``"train[a:b]"``.
+
+  The bounds are the regex groups ``(start, "%" or "", stop, "%" or "")`` that
+  :func:`_slice_arrays` turns into a slice of the examples.
 
   Bounds are example counts or percentages (``"train[:80%]"``, ``"train[80%:]"``,
   ``"train[100:200]"``), as TFDS slices; percentages round to the nearest example.

@@ -89,7 +89,7 @@ class ByteTokenizer:
     parts, start = [], 0
     for pos in np.flatnonzero(ids == 256):
       parts.append(bytes(ids[start:pos].astype(np.uint8)).decode("utf-8", "replace"))
-      start = pos + 1
+      start = int(pos) + 1
     parts.append(bytes(ids[start:].astype(np.uint8)).decode("utf-8", "replace"))
     return "\n".join(parts)
 
@@ -116,6 +116,8 @@ class CharTokenizer:
   chars: str
   add_eos: bool = False
   add_unk: bool = False
+  # The sorted code points of `chars`, set by __post_init__ (not an argument).
+  _codepoints: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
     if not self.chars:
@@ -152,7 +154,7 @@ class CharTokenizer:
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(
         np.int64
     )
-    table = self._codepoints  # pytype: disable=attribute-error
+    table = self._codepoints
     pos = np.searchsorted(table, codes)
     pos_clipped = np.minimum(pos, len(table) - 1)
     known = table[pos_clipped] == codes

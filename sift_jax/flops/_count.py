@@ -194,13 +194,14 @@ class _Walker:
         total = sum(sub.macs.values())
         if best is None or total > best[0]:
           best = (total, sub.macs, outs)
+      assert best is not None  # a cond has at least one branch
       for (row_name, param), m in best[1].items():
         self._add(row_name, param, m)
       return best[2]
     for value in params.values():
-      sub = _sub_jaxpr(value)
-      if sub is not None and len(sub.invars) == len(ins):
-        return self.walk(sub, ins, mult, record)
+      sub_jaxpr = _sub_jaxpr(value)
+      if sub_jaxpr is not None and len(sub_jaxpr.invars) == len(ins):
+        return self.walk(sub_jaxpr, ins, mult, record)
     return None
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, cast
 
 import flax.linen as nn
 import jax
@@ -135,8 +135,10 @@ def _scatter_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Arr
       stored["scatter_values"].astype(x.dtype), unique_indices=True, indices_are_sorted=True)
   params = {"kernel": kernel.reshape(shape)}
   if module.use_bias:
-    params["bias"] = module.scope.get_variable("params", "bias")
-  return module.clone(parent=None, features=features).apply({"params": params}, x)
+    params["bias"] = module.get_variable("params", "bias")
+  # flax types apply() as maybe returning (output, state), but without
+  # mutable= it returns the output alone.
+  return cast(jax.Array, module.clone(parent=None, features=features).apply({"params": params}, x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +181,7 @@ def _conv_padding(module: nn.Conv, nd: int) -> Any:
   padding = module.padding
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "VALID"):
-      raise ValueError(f"compress(): convolution {'/'.join(module.scope.path)!r} uses padding "
+      raise ValueError(f"compress(): convolution {'/'.join(module.path)!r} uses padding "
                        f"{padding!r}; the sparse path supports 'SAME', 'VALID' and explicit pads")
     return padding.upper()
   if isinstance(padding, int):
@@ -193,6 +195,7 @@ def _sparse_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Arra
   d_out = fmt.d_out(stored)
   if fmt.layer is not None:
     return fmt.layer(module, x, stored, d_out)
+  assert fmt.matmul is not None  # a format without its own layer has a matmul
   if isinstance(module, nn.Conv):
     nd = x.ndim - 2
     spatial = "DHW"[-nd:]
@@ -221,7 +224,7 @@ def _sparse_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Arra
     lead = x.shape[:-1]
     y = fmt.matmul(x.reshape(-1, x.shape[-1]), stored).reshape(lead + (d_out,))
   if module.use_bias:
-    y = y + module.scope.get_variable("params", "bias").astype(y.dtype)
+    y = y + module.get_variable("params", "bias").astype(y.dtype)
   return y
 
 

@@ -180,6 +180,7 @@ def _fold_parallel(node, stats, where, cfg):
     if c is not None:
       bias = c if bias is None else bias + c
   norms = tuple(f"{b}_norm" for b, n in zip(branches, normed) if n)
+  assert kernel is not None  # branches is non-empty (checked above)
   return _Folded(kernel, bias, norms)
 
 

@@ -90,16 +90,16 @@ class SparsityPolicy:
 
   def with_dense(self, *patterns: str) -> "SparsityPolicy":
     """Returns a copy with ``patterns`` added to the dense regexes."""
-    return dataclasses.replace(self, dense=self.dense + _as_tuple(patterns, "dense"))
+    return dataclasses.replace(self, dense=tuple(self.dense) + _as_tuple(patterns, "dense"))
 
   def with_sparse(self, *patterns: str) -> "SparsityPolicy":
     """Returns a copy with ``patterns`` added to the sparse regexes."""
-    return dataclasses.replace(self, sparse=self.sparse + _as_tuple(patterns, "sparse"))
+    return dataclasses.replace(self, sparse=tuple(self.sparse) + _as_tuple(patterns, "sparse"))
 
   def with_densities(self, overrides: Mapping[str, float]) -> "SparsityPolicy":
     """Returns a copy with extra per-leaf density overrides (checked first)."""
     merged = dict(overrides)
-    for pat, d in (self.densities or ()):
+    for pat, d in dict(self.densities or {}).items():
       merged.setdefault(pat, d)
     return dataclasses.replace(self, densities=merged)
 
@@ -124,7 +124,7 @@ class SparsityPolicy:
 
   def density_override(self, path: str) -> Optional[float]:
     """Returns the density override for ``path``, or None."""
-    for pat, d in (self.densities or ()):
+    for pat, d in dict(self.densities or {}).items():
       if re.search(pat, path):
         return float(d)
     return None
@@ -171,6 +171,7 @@ def select_sparse(params: Any, policy: Optional[SparsityPolicy] = None, *,
   treedef = jax.tree.structure(params)
   # Log once per distinct (policy, decisions): equal policies built anew (for
   # instance by every get_model call) do not log again.
+  policy_key: object
   try:
     policy_key = hash(policy) and policy
   except TypeError:  # unhashable user callable

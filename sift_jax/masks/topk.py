@@ -16,6 +16,8 @@ selected count is exactly ``k``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -84,28 +86,29 @@ def _radix_thresholds(keys: list[jax.Array], ks: jax.Array, nbits: int, dtype) -
   return lax.fori_loop(0, nbits, body, jnp.zeros((len(keys),), dtype))
 
 
-def select_top_k_many(keys: list[jax.Array], ks: list[jax.Array], seeds: list[jax.Array]) -> list[jax.Array]:
+def select_top_k_many(keys: list[jax.Array], ks: Sequence[jax.typing.ArrayLike],
+                      seeds: list[jax.Array]) -> list[jax.Array]:
   """:func:`select_top_k` for several tensors at once (two loops in all)."""
   if not keys:
     return []
   n_cand = jnp.stack([jnp.sum(k >= 0, dtype=jnp.int32) for k in keys])
-  ks = jnp.minimum(jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), n_cand)
-  thresholds = _radix_thresholds(keys, ks, 31, jnp.int32)
+  clipped_ks = jnp.minimum(jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), n_cand)
+  thresholds = _radix_thresholds(keys, clipped_ks, 31, jnp.int32)
   above = [k > thresholds[i] for i, k in enumerate(keys)]
   ties = [k == thresholds[i] for i, k in enumerate(keys)]
-  remaining = ks - jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in above])
+  remaining = clipped_ks - jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in above])
   tie_counts = jnp.stack([jnp.sum(t, dtype=jnp.int32) for t in ties])
 
   def take_all_ties(_):
     # Every tensor needs all of its ties (the usual case for float scores).
-    return [(above[i] | (ties[i] & (remaining[i] > 0))) & (ks[i] > 0) for i in range(len(keys))]
+    return [(above[i] | (ties[i] & (remaining[i] > 0))) & (clipped_ks[i] > 0) for i in range(len(keys))]
 
   def break_ties(_):
     hashes = [jnp.where(t, flat_index_hash(k.shape, seed), jnp.uint32(0))
               for k, t, seed in zip(keys, ties, seeds)]
     # Among ties, take the `remaining` largest hashes (all distinct, so exact).
     hash_thresholds = _radix_thresholds(hashes, remaining, 32, jnp.uint32)
-    return [(above[i] | (ties[i] & (hashes[i] >= hash_thresholds[i]) & (remaining[i] > 0))) & (ks[i] > 0)
+    return [(above[i] | (ties[i] & (hashes[i] >= hash_thresholds[i]) & (remaining[i] > 0))) & (clipped_ks[i] > 0)
             for i in range(len(keys))]
 
   # The second search only runs when some tensor has more ties at its

@@ -143,7 +143,8 @@ def describe_transformed(params: Any) -> dict[str, dict[str, int]]:
     Parallel layer (number of ``branch_{i}`` kernels).
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  ranks, branches = {}, {}
+  ranks: dict[str, int] = {}
+  branches: dict[str, int] = {}
   for kp, leaf in flat:
     path = tree_paths.path_str(kp)
     m = re.fullmatch(r"(.*)/U/kernel", path)
@@ -283,7 +284,7 @@ def _signal_shape(input_shape: Optional[tuple[int, ...]]) -> tuple[int, int]:
   if len(input_shape) == 1:
     return (int(input_shape[0]), 1)
   if len(input_shape) == 2:
-    return tuple(int(d) for d in input_shape)
+    return int(input_shape[0]), int(input_shape[1])
   if len(input_shape) == 3:
     return (int(input_shape[0]) * int(input_shape[1]), int(input_shape[2]))
   raise ValueError(f"cnn_mnist1d takes signals (length,), (length, channels) or images (height, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Optional, overload
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,10 @@ class MaskUpdateSchedule:
     return range(self.start_step, self.end_step, self.update_every)
 
 
+@overload
+def _as_int(value: None, name: str) -> None: ...
+@overload
+def _as_int(value: Any, name: str) -> int: ...
 def _as_int(value: Any, name: str) -> Optional[int]:
   """``value`` as a Python int (numpy integers included); bools and floats are refused."""
   if value is None:

@@ -76,7 +76,8 @@ class SparseState(NamedTuple):
     stats: :class:`SparseStats`.
   """
 
-  count: jax.Array
+  # The field shadows tuple.count, as optax's states' `count` fields do.
+  count: jax.Array  # type: ignore[assignment]
   masks: Any
   inner_state: optax.OptState
   key: jax.Array
@@ -362,7 +363,7 @@ def dynamic_sparse(
     if params is None:
       raise ValueError(f"{name}: update() needs params (the transformation zeroes inactive "
                        "weights and ranks weights by magnitude)")
-    treedef = jax.tree.structure(params)
+    treedef: jax.tree_util.PyTreeDef = jax.tree.structure(params)
     grads = ops.conform(params, updates, "updates")
     ops.check_same_shapes(params, grads, "updates")
     cur_masks = ops.conform(params, state.masks, "opt_state.masks")
@@ -405,17 +406,19 @@ def dynamic_sparse(
     def target_keep_counts(n_active: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
       """Per tensor (or, globally, in total): weights kept, weights grown."""
       if pruning:
+        assert sparsity_progress is not None and n_final is not None  # pruning says so
         progress = jnp.clip(jnp.asarray(sparsity_progress(state.count), jnp.float32), 0.0, 1.0)
         sizes = [int(np.prod(p_leaves[i].shape)) for i in idx]
         finals = [n_final[i] for i in idx]
         if scope == "global":
-          sizes, finals, n_active = [sum(sizes)], [sum(finals)], [sum(n_active)]
+          sizes, finals, n_active = [sum(sizes)], [sum(finals)], [sum(n_active, jnp.zeros((), jnp.int32))]
         keep = [jnp.minimum(n, s - jnp.floor(progress * jnp.float32(s - f) + 0.5).astype(jnp.int32))
                 for n, s, f in zip(n_active, sizes, finals)]
         return keep, [jnp.zeros((), jnp.int32)] * len(keep)
+      assert drop_fraction_fn is not None  # set for every dynamic method that does not prune
       frac = jnp.asarray(drop_fraction_fn(state.count), jnp.float32)
       if scope == "global":
-        n_active = [sum(n_active)]
+        n_active = [sum(n_active, jnp.zeros((), jnp.int32))]
       n_drop = [jnp.floor(frac * n.astype(jnp.float32)).astype(jnp.int32) for n in n_active]
       grow = n_drop if grow_score_fn is not None else [jnp.zeros((), jnp.int32)] * len(n_drop)
       return [n - d for n, d in zip(n_active, n_drop)], grow
@@ -427,6 +430,7 @@ def dynamic_sparse(
                             key=jax.random.fold_in(base_key, 10_000 + i)) for i in idx]
       n_active = [jnp.sum(m_leaves[i], dtype=jnp.int32) for i in idx]
       n_keep, n_grow = target_keep_counts(n_active)
+      assert drop_score_fn is not None  # checked above: a dynamic method needs one
       drop_keys = [_score_keys(drop_score_fn, x, x.masks) for x in inputs]
       kept = select(drop_keys, n_keep, [sd[0] for sd in seeds])
       if grow_score_fn is not None:
@@ -633,7 +637,7 @@ def get_sparse_state(opt_state: Any) -> SparseState:
   Raises:
     ValueError: if ``opt_state`` contains none.
   """
-  found = []
+  found: list[SparseState] = []
 
   def visit(node):
     if found:
@@ -677,7 +681,7 @@ def sparse_stats(opt_state: Any) -> dict[str, jax.Array]:
   state = get_sparse_state(opt_state)
   masks = jax.tree.leaves(state.masks)
   ever = jax.tree.leaves(state.stats.ever_active)
-  nnz = sum(jnp.sum(m, dtype=jnp.int32) for m in masks)
+  nnz = sum((jnp.sum(m, dtype=jnp.int32) for m in masks), jnp.zeros((), jnp.int32))
   size = sum(int(np.prod(m.shape)) for m in masks)
   # Leaves whose mask has zeros are the sparse ones; count their weights.
   sparse_sizes = [jnp.where(jnp.all(m), 0, m.size) for m in masks]

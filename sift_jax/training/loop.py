@@ -56,6 +56,7 @@ import os
 import signal
 import threading
 import time
+import types
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -209,13 +210,11 @@ def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, tra
   repl = sharding_lib.replicated(mesh)
   rules = tuple((pat, P(*spec_axes)) for pat, spec_axes in config.mesh.rules)
   p_shardings = sharding_lib.param_shardings(abstract.params, mesh, rules, log=False)
-  state_shardings = state_lib.TrainState(
-      step=repl,
+  # The state's structure with a sharding per leaf: replicated unless param-shaped.
+  state_shardings = jax.tree.map(lambda _: repl, abstract).replace(
       params=p_shardings,
-      model_state=jax.tree.map(lambda _: repl, abstract.model_state),
       opt_state=sharding_lib.shardings_like_params(abstract.opt_state, abstract.params, p_shardings,
-                                                   repl),
-      rng=repl)
+                                                   repl))
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, state_shardings)
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -319,6 +318,7 @@ def _process_block(sharding: NamedSharding, global_size: int) -> tuple[int, int]
   index_map = sharding.addressable_devices_indices_map((int(global_size),))
   ranges = []
   for index in index_map.values():
+    assert index is not None  # every device holds a block of a batch-sharded array
     start, stop, _ = index[0].indices(int(global_size))
     ranges.append((start, stop))
   return _batch_block(ranges, int(global_size))
@@ -348,7 +348,7 @@ class _Preemption:
   def __init__(self, already: Optional[Callable[[], bool]] = None):
     self._already = already
     self._flag = False
-    self._previous = None
+    self._previous: Callable[[int, Optional[types.FrameType]], Any] | int | None = None
 
   @property
   def requested(self) -> bool:
@@ -810,6 +810,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.shardin
     return summary
   if spectral is not None:
     spectral.plot(workdir)
+  assert last_eval is not None  # this step was evaluated, in this run or before a restart
   summary.update(_final_results(funcs, state, config, info, last_eval, loop_state))
   if is_main:
     tmp = os.path.join(workdir, "summary.json.tmp")

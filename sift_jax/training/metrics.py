@@ -130,6 +130,8 @@ class MetricsWriter:
   def write(self, step: int, split: str, scalars: Mapping[str, Any]) -> None:
     if not self._enabled:
       return
+    if self._file is None:
+      raise ValueError(f"MetricsWriter.write(step={step}, split={split!r}) after close()")
     record = {"step": int(step), "split": split}
     record.update({k: _to_python(v) for k, v in scalars.items()})
     self._file.write(json.dumps(record) + "\n")

@@ -7,6 +7,7 @@ same compiled function (the sparse optimizers choose with ``lax.cond``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
@@ -72,7 +73,7 @@ def make_train_step(module: Any, tx: optax.GradientTransformation, *, input_key:
                     target_key: str, learning_rate_fn: Optional[optax.Schedule] = None,
                     label_smoothing: float = 0.0, compute_dtype: Any = jnp.float32,
                     grad_accum_steps: int = 1,
-                    micro_batch_sharding: Optional[jax.sharding.Sharding] = None
+                    micro_batch_sharding: Optional[jax.sharding.NamedSharding] = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """A jittable ``train_step(state, batch) -> (state, metrics)``.
 
@@ -151,8 +152,8 @@ def make_train_step(module: Any, tx: optax.GradientTransformation, *, input_key:
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state)
+    new_state = dataclasses.replace(state, step=state.step + 1, params=params,
+                                    model_state=model_state, opt_state=opt_state)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
     if learning_rate_fn is not None:
       metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)

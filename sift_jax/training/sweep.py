@@ -134,7 +134,7 @@ def run_sweep(base: ml_collections.ConfigDict, runs: Sequence[Any], *, seeds: Se
     config_lib.validate_config(cfg)
     configs.append(cfg)
   workdir = os.path.abspath(workdir)
-  records = []
+  records: list[dict[str, Any]] = []
   total = len(runs) * len(seeds)
   t0 = time.time()
   for run, cfg in zip(runs, configs):
@@ -248,6 +248,8 @@ def load_config_module(path: str):
     raise FileNotFoundError(f"config file {path} does not exist")
   name = "_sift_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise ValueError(f"config file {path} is not an importable Python file (a .py file)")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):

@@ -104,9 +104,10 @@ def widen(layer: Any, features: int, **updates: Any) -> Any:
   attention) the last feature dimension is replaced.
   """
   kind = layer_kind(layer)
+  new_features: int | tuple[int, ...] = features
   if kind == "dense_general" and isinstance(layer.features, (tuple, list)):
-    features = tuple(layer.features[:-1]) + (int(features),)
-  return layer.clone(features=features, **updates)
+    new_features = tuple(layer.features[:-1]) + (int(features),)
+  return layer.clone(features=new_features, **updates)
 
 
 def _u_copy(layer: Any, rank: int, name: str, **updates: Any) -> Any:
@@ -202,6 +203,7 @@ class SparseParallel(nn.Module):
       if self.branch_activation is not None:
         y = self.branch_activation(y)
       out = y if out is None else out + y
+    assert out is not None  # n >= 1 branches (checked above)
     return out
 
 

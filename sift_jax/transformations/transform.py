@@ -154,12 +154,13 @@ def _layer_input(module: Any, args: tuple, kwargs: dict) -> Any:
   """
   if args:
     return args[0]
-  name = _input_name(type(module))
+  cls: type = type(module)  # as `type`: mypy checks type[X] against Hashable via X's own __hash__
+  name = _input_name(cls)
   return kwargs.get(name) if name is not None else None
 
 
 def _rel_path(module: nn.Module, root: tuple[str, ...]) -> str:
-  path = tuple(module.scope.path)
+  path = tuple(module.path)
   return "/".join(path[len(root):])
 
 
@@ -313,7 +314,7 @@ class TransformedModel(nn.Module):
     return calls, out
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    root = tuple(self.scope.path)
+    root = tuple(self.path)
     output_layers = self.output_layers
     expected = None
     member = self.config.member
