@@ -178,7 +178,8 @@ def test_parallel_branch_norms_break_the_gradient_symmetry(layer):
   """Without branch norms every branch gets the same dense gradient dL/dy x^T, so RigL's grow
   sets coincide (pairwise overlap ~8.8x that of independent sets, k^2/N = 41 positions); with a
   BatchNorm per branch the gradients differ and the overlap falls (measured 4.0x at the first
-  update, ~2.3x of random masks after 2000 RigL steps: above chance, see the README).
+  update, ~2.3x of random masks after 2000 steps of per-tensor RigL growth; sibling growth
+  brings it to chance, test_parallel_rigl_branch_overlap_is_at_most_chance).
   Bounds tested: identical gradients and overlap >= 8x without; correlation < 0.7 and overlap
   <= 5x with."""
   plain, plain_ratio = _first_growth(False, layer)
