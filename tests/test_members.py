@@ -296,3 +296,32 @@ def test_parallel_rigl_branch_overlap_is_at_most_chance():
   # Exact counts per branch are unchanged by the sibling growth.
   counts = lambda m: [int(np.sum(m["fc_0"][f"branch_{i}"]["kernel"])) for i in range(10)]  # noqa: E731
   assert counts(masks) == counts(plain_masks)
+
+
+def test_branch_growth_groups_and_bad_groups_are_named():
+  import optax  # pylint: disable=import-outside-toplevel
+  import sift_jax  # pylint: disable=import-outside-toplevel
+  from sift_jax.optim import branch_growth  # pylint: disable=import-outside-toplevel
+  z = np.zeros((4, 4), np.float32)
+  params = {"fc": {"branch_0": {"kernel": z, "bias": z[0]}, "branch_1": {"kernel": z},
+                   "branch_0_norm": {"scale": z[0]}},
+            "solo": {"branch_0": {"kernel": z}}, "head": {"kernel": np.zeros((4, 2), np.float32)}}
+  assert sift_jax.parallel_branch_groups(params) == (("fc/branch_0/kernel", "fc/branch_1/kernel"),)
+  paths = ["fc/branch_0/kernel", "fc/branch_1/kernel", "head/kernel"]
+  assert branch_growth.resolve_groups(sift_jax.parallel_branch_groups, params, paths,
+                                      what="rigl") == [[0, 1]]
+  with pytest.raises(ValueError, match=r"rigl: grow group 0 names 'fc/branch_9/kernel', which is "
+                                       r"not a parameter path"):
+    branch_growth.resolve_groups(lambda p: [["fc/branch_9/kernel"]], params, paths, what="rigl")
+  with pytest.raises(ValueError, match=r"'head/kernel' is in grow groups 0 and 1"):
+    branch_growth.resolve_groups(lambda p: [["head/kernel"], ["head/kernel"]], params, paths,
+                                 what="rigl")
+  with pytest.raises(ValueError, match=r"grow group 0 has tensors of shapes \[\(4, 2\), \(4, 4\)\]"):
+    branch_growth.resolve_groups(lambda p: [["head/kernel", "fc/branch_0/kernel"]], params, paths,
+                                 what="rigl")
+  with pytest.raises(ValueError, match=r"rigl: grow_groups must be a function params -> groups "
+                                       r"of leaf paths, got 'exclusive'"):
+    sift_jax.rigl(optax.sgd(0.1), sparsity=0.5, total_steps=10, grow_groups="exclusive")
+  with pytest.raises(ValueError, match=r"sparse.branch_growth.*'sideways'"):
+    training.validate_config(training.apply_overrides(training.default_config(),
+                                                      {"sparse.branch_growth": "sideways"}))
