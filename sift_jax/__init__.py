@@ -29,8 +29,8 @@ from sift_jax import inference
 from sift_jax.inference import CompressedModel, FoldError, compress, fold
 from sift_jax.inference.export import export_model, export_run
 from sift_jax.optim import (SparseState, SparseStats, dynamic_sparse, get_masks, get_sparse_state,
-                            gradual_magnitude_pruning, magnitude_masks, oneshot_magnitude_pruning, rigl,
-                            set_sparse, sparse_stats, static_sparse)
+                            gradual_magnitude_pruning, magnitude_masks, oneshot_magnitude_pruning,
+                            parallel_branch_groups, rigl, set_sparse, sparse_stats, static_sparse)
 
 __version__ = "0.1.0"
 
@@ -61,4 +61,5 @@ __all__ = [
     "sparse_stats", "spectral", "static_sparse", "target_count", "data",
     "CompressedModel", "FoldError", "compress", "export_model", "export_run", "fold", "inference",
     "dynamic_sparse", "gradual_magnitude_pruning", "magnitude_masks", "oneshot_magnitude_pruning",
+    "parallel_branch_groups",
 ]

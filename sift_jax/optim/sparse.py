@@ -40,7 +40,7 @@ import optax
 
 from sift_jax.masks import densities as densities_lib
 from sift_jax.masks import ops, selection, topk, tree_paths
-from sift_jax.optim import schedules
+from sift_jax.optim import branch_growth, schedules
 
 __all__ = ["SparseState", "SparseStats", "ScoreInputs", "ScoreFn", "SCORE_FNS", "SCOPES",
            "magnitude_score", "gradient_score", "random_score", "dynamic_sparse",
@@ -193,6 +193,7 @@ def dynamic_sparse(
     policy: Optional[selection.SparsityPolicy] = None, distribution: str = "uniform",
     sparsity_progress: Optional[optax.Schedule] = None, start_dense: bool = False,
     scope: str = "layerwise", optimizer_step_on_update: bool = False,
+    grow_groups: Optional[branch_growth.GroupingFn] = None,
     seed: Union[int, jax.Array] = 0, name: str = "dynamic_sparse",
 ) -> optax.GradientTransformationExtraArgs:
   """Sparse training with masks updated by pluggable drop and grow scores.
@@ -252,6 +253,12 @@ def dynamic_sparse(
       the weights as they are (original RigL). True: take the optimizer step
       first, then rank the stepped weights (authors' Sparse-IFT code, and
       magnitude pruning during training).
+    grow_groups: Optional function ``params -> groups of leaf paths`` whose
+      tensors are summed siblings (e.g.
+      :func:`sift_jax.optim.branch_growth.parallel_branch_groups`, Sparse
+      Parallel's branches): their growth ranks positions active in a
+      sibling after every free one (:mod:`sift_jax.optim.branch_growth`).
+      Layerwise scope, regrowing methods only.
     seed: int or PRNG key: initial masks and tie-breaking.
     name: Name used in error messages.
 
@@ -300,6 +307,13 @@ def dynamic_sparse(
     drop_fraction_fn = _as_step_fn(drop_fraction, f"{name}: drop_fraction")
   if is_update_step is not None and drop_score_fn is None:
     raise ValueError(f"{name}: a dynamic method needs a drop_score_fn")
+  if grow_groups is not None:
+    if not callable(grow_groups):
+      raise ValueError(f"{name}: grow_groups must be a function params -> groups of leaf paths, "
+                       f"got {grow_groups!r}")
+    if grow_score_fn is None or scope != "layerwise":
+      raise ValueError(f"{name}: grow_groups needs a grow_score_fn and scope='layerwise' "
+                       f"(got scope={scope!r})")
   if start_dense and not pruning:
     raise ValueError(f"{name}: start_dense=True needs sparsity_progress= (masks only shrink "
                      "when pruning)")
@@ -395,6 +409,8 @@ def dynamic_sparse(
 
     idx = [i for i, flag in enumerate(flags) if flag]
     idx_set = set(idx)
+    groups = [] if grow_groups is None else branch_growth.resolve_groups(
+        grow_groups, params, [tree_paths.leaf_paths(params)[i] for i in idx], what=name)
     n_final = final_counts(params) if pruning else None
     ever_leaves = treedef.flatten_up_to(state.stats.ever_active)
     is_update = is_update_step(state.count)
@@ -435,7 +451,12 @@ def dynamic_sparse(
       kept = select(drop_keys, n_keep, [sd[0] for sd in seeds])
       if grow_score_fn is not None:
         grow_keys = [_score_keys(grow_score_fn, x, ~kp) for x, kp in zip(inputs, kept)]
-        grown = select(grow_keys, n_grow, [sd[1] for sd in seeds])
+        if groups:
+          grown = branch_growth.grow_sibling_groups(
+              grow_keys, kept, n_grow, [sd[1] for sd in seeds], groups,
+              state.stats.num_updates, select)
+        else:
+          grown = select(grow_keys, n_grow, [sd[1] for sd in seeds])
         new_sparse = tuple(kp | gr for kp, gr in zip(kept, grown))
       else:
         new_sparse = tuple(kept)
@@ -540,10 +561,11 @@ def set_sparse(inner: optax.GradientTransformation, *, sparsity: Optional[float]
                end_step: Optional[int] = None, end_fraction: float = 0.75,
                drop_fraction: float = 0.3, drop_schedule: str = "cosine",
                optimizer_step_on_update: bool = False,
+               grow_groups: Optional[branch_growth.GroupingFn] = None,
                seed: Union[int, jax.Array] = 0) -> optax.GradientTransformationExtraArgs:
   """Sparse Evolutionary Training: drop by magnitude, regrow at random.
 
-  Same options as :func:`rigl`; growth needs no gradient. A thin factory over
+  Same options as :func:`rigl` (``grow_groups`` included); growth needs no gradient. A thin factory over
   :func:`dynamic_sparse` with :func:`magnitude_score` and :func:`random_score`.
   """
   schedule = schedules.make_mask_update_schedule(
@@ -553,7 +575,7 @@ def set_sparse(inner: optax.GradientTransformation, *, sparsity: Optional[float]
                         drop_fraction=schedule.drop_fraction_at, update_schedule=schedule,
                         sparsity=sparsity, densities=densities, masks=masks, policy=policy,
                         distribution=distribution, optimizer_step_on_update=optimizer_step_on_update,
-                        seed=seed, name="set_sparse")
+                        grow_groups=grow_groups, seed=seed, name="set_sparse")
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = None,
@@ -562,6 +584,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = Non
          total_steps: Optional[int] = None, update_every: int = 100, start_step: int = 0,
          end_step: Optional[int] = None, end_fraction: float = 0.75, drop_fraction: float = 0.3,
          drop_schedule: str = "cosine", optimizer_step_on_update: bool = False,
+         grow_groups: Optional[branch_growth.GroupingFn] = None,
          seed: Union[int, jax.Array] = 0) -> optax.GradientTransformationExtraArgs:
   """RigL: drop the smallest-magnitude weights, grow where the dense gradient is largest.
 
@@ -611,6 +634,14 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = Non
     optimizer_step_on_update: False (default, original RigL): update steps only
       change masks. True (authors' Sparse-IFT code): take the optimizer step
       first, then update the masks from the stepped weights.
+    grow_groups: Optional function ``params -> groups of leaf paths`` of
+      summed sibling tensors, e.g.
+      :func:`sift_jax.optim.branch_growth.parallel_branch_groups` for Sparse
+      Parallel (which the training loop passes by default,
+      ``config.sparse.branch_growth="exclusive"``): each sibling grows where
+      its gradient is largest among positions no sibling holds before it
+      duplicates one (:mod:`sift_jax.optim.branch_growth`). None: every
+      tensor grows on its own (original RigL).
     seed: int or PRNG key: initial masks and tie-breaking.
 
   Returns:
@@ -628,7 +659,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = Non
                         drop_fraction=schedule.drop_fraction_at, update_schedule=schedule,
                         sparsity=sparsity, densities=densities, masks=masks, policy=policy,
                         distribution=distribution, optimizer_step_on_update=optimizer_step_on_update,
-                        seed=seed, name="rigl")
+                        grow_groups=grow_groups, seed=seed, name="rigl")
 
 
 def get_sparse_state(opt_state: Any) -> SparseState:

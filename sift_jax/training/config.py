@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from sift_jax.masks.densities import DISTRIBUTIONS
+from sift_jax.optim import branch_growth
 from sift_jax.optim.schedules import DROP_SCHEDULES
 from sift_jax.optim.sparse import SCOPES
 from sift_jax.training import optimizers
@@ -36,6 +37,7 @@ __all__ = ["default_config", "validate_config", "apply_overrides", "flatten_conf
 OPTIMIZERS = tuple(optimizers.OPTIMIZER_BUILDERS)
 SCHEDULES = tuple(optimizers.SCHEDULE_BUILDERS)
 SPARSE_METHODS = ("none",) + tuple(optimizers.SPARSE_METHOD_BUILDERS)
+BRANCH_GROWTHS = tuple(branch_growth.GROW_GROUPINGS)
 # Methods that rank all sparse tensors together when sparse.scope == "global".
 GLOBAL_SCOPE_METHODS = ("gmp", "oneshot")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -106,6 +108,10 @@ def default_config() -> ml_collections.ConfigDict:
       ``start_step``.
     sparse.scope: ``layerwise`` or ``global`` (``gmp`` and ``oneshot`` only:
       one magnitude ranking over all sparse tensors).
+    sparse.branch_growth: ``exclusive`` (default): RigL / SET grow each
+      Sparse Parallel branch where no sibling branch is active before they
+      duplicate a position (:mod:`sift_jax.optim.branch_growth`; no effect on
+      the other members); ``independent``: every tensor grows on its own.
     optimizer.name: ``sgd``, ``nesterov`` (SGD with Nesterov momentum) or
       ``adamw``.
     optimizer.weight_decay_exclude: Regex; parameters whose path matches get
@@ -158,6 +164,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sparse.drop_schedule = "cosine"
   c.sparse.optimizer_step_on_update = False
   c.sparse.scope = "layerwise"
+  c.sparse.branch_growth = "exclusive"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -369,6 +376,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(c.sparse.scope == "layerwise" or c.sparse.method in GLOBAL_SCOPE_METHODS, "sparse.scope",
          c.sparse.scope, f"is only supported by sparse.method in {GLOBAL_SCOPE_METHODS}, "
          f"not {c.sparse.method!r}")
+  _check(c.sparse.branch_growth in BRANCH_GROWTHS, "sparse.branch_growth", c.sparse.branch_growth,
+         f"must be one of {BRANCH_GROWTHS}")
   _check(c.optimizer.name in OPTIMIZERS, "optimizer.name", c.optimizer.name,
          f"must be one of {OPTIMIZERS}")
   _check(float(c.optimizer.learning_rate) > 0, "optimizer.learning_rate", c.optimizer.learning_rate,

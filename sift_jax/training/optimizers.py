@@ -24,6 +24,7 @@ import ml_collections
 import optax
 
 from sift_jax.masks import selection, tree_paths
+from sift_jax.optim import branch_growth
 from sift_jax.optim import pruning as pruning_lib
 from sift_jax.optim import sparse as sparse_lib
 
@@ -184,7 +185,10 @@ def _regrowing_method(factory):
     return factory(inner, **common, total_steps=total_steps, update_every=int(sp.update_every),
                    start_step=int(sp.start_step), end_fraction=float(sp.end_fraction),
                    drop_fraction=float(sp.drop_fraction), drop_schedule=sp.drop_schedule,
-                   optimizer_step_on_update=bool(sp.optimizer_step_on_update))
+                   optimizer_step_on_update=bool(sp.optimizer_step_on_update),
+                   grow_groups=_lookup(branch_growth.GROW_GROUPINGS,
+                                       sp.get("branch_growth", "exclusive"),
+                                       "config.sparse.branch_growth", "branch growth"))
   return build
 
 
