@@ -16,8 +16,10 @@ inactive weights stay zero; when a mask update grows or drops a connection
 its moments are reset to zero through ``optax.tree_map_params``, which works
 for any optax optimizer (chains, ``inject_hyperparams``, ``MultiSteps``...).
 
-Mask updates happen inside the same jitted step as ordinary steps, chosen by
-``lax.cond`` on the step counter: no retracing, no host callbacks.
+Mask updates happen inside the same jitted step as ordinary steps: the
+selection runs under ``lax.cond`` on the step counter, and the moment reset
+is a select fused into the optimizer's update. No retracing, no host
+callbacks.
 
 References:
   Evci, Gale, Menick, Castro, Elsen, "Rigging the Lottery: Making All Tickets
@@ -217,9 +219,14 @@ def dynamic_sparse(
 
   Grown weights start at zero with zero optimizer moments (reset through
   ``optax.tree_map_params``, so any optax optimizer works); weights kept keep
-  their value and moments. Everything an update step does beyond a static
-  step (selection, moment reset) runs under one ``lax.cond``, so ordinary
-  steps cost what a static step costs and nothing retraces.
+  their value and moments. The selection runs under one ``lax.cond`` that
+  returns only the new masks (XLA copies whatever a branch returns
+  unchanged); the moment reset is an elementwise select on the update
+  predicate that XLA fuses into the optimizer's own pass over the moments.
+  One compiled function serves both kinds of step: nothing retraces. With
+  ``optimizer_step_on_update=False`` the previous inner state must survive
+  the optimizer step to be restored on update steps, which on CPU costs
+  one copy of the moments per step.
 
   Args:
     inner: Any optax optimizer; it sees masked gradients.
@@ -454,15 +461,17 @@ def dynamic_sparse(
     # aliases its operands), so the cond returns the new masks of the sparse
     # tensors only; the moment reset and the restore of the previous inner
     # state are elementwise selects on ``is_update`` outside it, which XLA
-    # fuses into the optimizer's own pass over the moments and updates in
-    # place.
+    # fuses into the optimizer's own pass over the moments. (The reset alone
+    # updates the moments in place; the restore keeps the previous moments
+    # alive past the optimizer step, which XLA's CPU backend pays for with a
+    # copy of them.)
     new_sparse, n_drop, n_grow = lax.cond(is_update, mask_update, ordinary, None)
 
     new_masks, both, ever = list(m_leaves), list(m_leaves), list(ever_leaves)
     for j, i in enumerate(idx):
       new_masks[i] = new_sparse[j]
       both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
-      ever[i] = ever_leaves[i] | new_sparse[j]
+      ever[i] = jnp.where(is_update, ever_leaves[i] | new_sparse[j], ever_leaves[i])
     if optimizer_step_on_update:
       base = inner_state
     else:
@@ -493,7 +502,7 @@ def dynamic_sparse(
 
 
 def _like(value: Any, template: Any) -> Any:
-  """``value`` with ``template``'s dtype, so both ``lax.cond`` branches agree."""
+  """``value`` with ``template``'s dtype: the reset never changes the state's dtypes."""
   if hasattr(template, "dtype") and hasattr(value, "dtype"):
     return jnp.asarray(value, template.dtype)
   return value
