@@ -15,7 +15,9 @@ static / dense <= 1.03, RigL amortised / dense <= 1.05, and RigL ordinary /
 static <= 1.02 and RigL ordinary / dense <= 1.02 (an ordinary RigL step does
 what a static step does: mask the gradients and the update; the selection and
 the moment reset of a mask update run under ``lax.cond`` on update steps only).
-Every ratio compares medians measured in the same rounds of the same process;
+Every step donates its params, batch statistics and optimizer state, as the
+training loop does. Every ratio compares medians measured in the same rounds of
+the same process;
 the machine may be shared, so read the ratios, not the absolute times.
 
 Usage:
@@ -25,6 +27,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -72,7 +75,9 @@ def _make_step(module, tx):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_stats
 
-  @jax.jit
+  # Params, batch statistics and optimizer state are donated, as in the
+  # training loop, so XLA may update them in place.
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def step(params, batch_stats, opt_state, x, y):
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -108,7 +113,8 @@ def bench(name, module, policy, x, y, rounds, steps_per_round, sparsity=0.9):
                             update_every=UPDATE_EVERY),
   }
   steps = {k: _make_step(module, tx) for k, tx in txs.items()}
-  carries = {k: (params, stats, tx.init(params)) for k, tx in txs.items()}
+  # Each variant owns its buffers: the steps donate them.
+  carries = {k: jax.tree.map(jnp.copy, (params, stats, tx.init(params))) for k, tx in txs.items()}
   # Compile and warm up every variant (RigL: both branches are one function).
   for k in txs:
     carries[k], _ = _time_block(steps[k], carries[k], x, y, 2, set_count=1 if k == "rigl" else None)
@@ -153,10 +159,14 @@ def main():
   for which in args.models.split(","):
     build, n = {"mlp": (_mlp, args.mlp_steps), "resnet": (_resnet18_quarter, args.resnet_steps)}[which]
     name, module, policy, x, y = build()
+    load_before = os.getloadavg()[0]
     res = bench(name, module, policy, x, y, args.rounds, n)
+    # The machine may be shared: the 1-minute load average around the run.
+    res["load_average_1min"] = [load_before, os.getloadavg()[0]]
     results.append(res)
     m = res["median_step_s"]
-    print(f"{name}: {res['params']:,} params, batch {res['batch']}, s={res['sparsity']}")
+    print(f"{name}: {res['params']:,} params, batch {res['batch']}, s={res['sparsity']}, "
+          f"load average {res['load_average_1min'][0]:.1f} -> {res['load_average_1min'][1]:.1f}")
     print(f"  median step  dense {m['dense']*1e3:8.2f} ms | static {m['static']*1e3:8.2f} ms | "
           f"rigl ordinary {m['rigl_ordinary']*1e3:8.2f} ms | rigl update step {m['rigl_update_step']*1e3:8.2f} ms")
     print(f"  mask update {res['mask_update_s']*1e3:.2f} ms | rigl amortised (every {UPDATE_EVERY}) "

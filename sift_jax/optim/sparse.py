@@ -16,8 +16,10 @@ inactive weights stay zero; when a mask update grows or drops a connection
 its moments are reset to zero through ``optax.tree_map_params``, which works
 for any optax optimizer (chains, ``inject_hyperparams``, ``MultiSteps``...).
 
-Mask updates happen inside the same jitted step as ordinary steps, chosen by
-``lax.cond`` on the step counter: no retracing, no host callbacks.
+Mask updates happen inside the same jitted step as ordinary steps: the
+selection runs under ``lax.cond`` on the step counter, and the moment reset
+is a select fused into the optimizer's update. No retracing, no host
+callbacks.
 
 References:
   Evci, Gale, Menick, Castro, Elsen, "Rigging the Lottery: Making All Tickets
@@ -219,9 +221,14 @@ def dynamic_sparse(
 
   Grown weights start at zero with zero optimizer moments (reset through
   ``optax.tree_map_params``, so any optax optimizer works); weights kept keep
-  their value and moments. Everything an update step does beyond a static
-  step (selection, moment reset) runs under one ``lax.cond``, so ordinary
-  steps cost what a static step costs and nothing retraces.
+  their value and moments. The selection runs under one ``lax.cond`` that
+  returns only the new masks (XLA copies whatever a branch returns
+  unchanged); the moment reset is an elementwise select on the update
+  predicate that XLA fuses into the optimizer's own pass over the moments.
+  One compiled function serves both kinds of step: nothing retraces. With
+  ``optimizer_step_on_update=False`` the previous inner state must survive
+  the optimizer step to be restored on update steps, which on CPU costs
+  one copy of the moments per step.
 
   Args:
     inner: Any optax optimizer; it sees masked gradients.
@@ -442,7 +449,11 @@ def dynamic_sparse(
     def mask_update(_):
       base_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
       seeds = [jax.random.bits(jax.random.fold_in(base_key, i), (2,), jnp.uint32) for i in idx]
-      inputs = [ScoreInputs(weights=p_leaves[i] + step_us[i], grads=g_leaves[i], masks=m_leaves[i],
+      # Without the optimizer step the weights are ranked as they are: the
+      # branch then reads no inner update, so the moments have no reader
+      # besides the optimizer and are updated in place.
+      inputs = [ScoreInputs(weights=p_leaves[i] + u_leaves[i] if optimizer_step_on_update
+                            else p_leaves[i], grads=g_leaves[i], masks=m_leaves[i],
                             key=jax.random.fold_in(base_key, 10_000 + i)) for i in idx]
       n_active = [jnp.sum(m_leaves[i], dtype=jnp.int32) for i in idx]
       n_keep, n_grow = target_keep_counts(n_active)
@@ -464,39 +475,43 @@ def dynamic_sparse(
                       jnp.zeros((), jnp.int32))
       n_grown = sum((jnp.sum(nm & ~m_leaves[i], dtype=jnp.int32) for i, nm in zip(idx, new_sparse)),
                     jnp.zeros((), jnp.int32))
-      new_ever = tuple(ever_leaves[i] | nm for i, nm in zip(idx, new_sparse))
-      # Only an update step changes which weights are active, so only it
-      # resets moments (and, without the optimizer step, restores the
-      # previous inner state).
-      base = inner_state if optimizer_step_on_update else state.inner_state
-      both = list(m_leaves)
-      for j, i in enumerate(idx):
-        both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
-      keep_tree = jax.tree.unflatten(treedef, [both[i] if i in idx_set else True
-                                               for i in range(len(both))])
-      # optax.masked / multi_transform states hold MaskedNode where a param is
-      # not theirs: those are leaves to leave alone, not subtrees to map over.
-      reset = optax.tree_map_params(inner, _reset_moments, base, keep_tree,
-                                    is_leaf=lambda v: isinstance(v, optax.MaskedNode))
-      return new_sparse, new_ever, n_dropped, n_grown, jax.tree.map(_like, reset, inner_state)
+      return new_sparse, n_dropped, n_grown
 
     def ordinary(_):
-      # On ordinary steps the masks and the inner state pass through: no pass
-      # over the moments beyond the optimizer's own, no selection.
       zero = jnp.zeros((), jnp.int32)
-      return (tuple(m_leaves[i] for i in idx), tuple(ever_leaves[i] for i in idx), zero, zero,
-              inner_state)
+      return tuple(m_leaves[i] for i in idx), zero, zero
 
-    # One lax.cond per step (each costs a predicate read): selection and
-    # moment reset together.
-    new_sparse, new_ever, n_drop, n_grow, new_inner = lax.cond(is_update, mask_update, ordinary,
-                                                               None)
+    # Only the selection runs under lax.cond. Whatever a lax.cond branch
+    # returns unchanged is copied by XLA (a conditional's result never
+    # aliases its operands), so the cond returns the new masks of the sparse
+    # tensors only; the moment reset and the restore of the previous inner
+    # state are elementwise selects on ``is_update`` outside it, which XLA
+    # fuses into the optimizer's own pass over the moments. (The reset alone
+    # updates the moments in place; the restore keeps the previous moments
+    # alive past the optimizer step, which XLA's CPU backend pays for with a
+    # copy of them.)
+    new_sparse, n_drop, n_grow = lax.cond(is_update, mask_update, ordinary, None)
 
     new_masks, both, ever = list(m_leaves), list(m_leaves), list(ever_leaves)
     for j, i in enumerate(idx):
       new_masks[i] = new_sparse[j]
-      both[i] = new_sparse[j] & m_leaves[i]
-      ever[i] = new_ever[j]
+      both[i] = new_sparse[j] & m_leaves[i]  # active before and after: keeps value and moments
+      ever[i] = jnp.where(is_update, ever_leaves[i] | new_sparse[j], ever_leaves[i])
+    if optimizer_step_on_update:
+      base = inner_state
+    else:
+      # Without the optimizer step an update step keeps the previous state.
+      base = jax.tree.map(lambda new, old: jnp.where(is_update, old, new), inner_state,
+                          state.inner_state)
+    # Only an update step changes which weights are active, so only it
+    # resets moments: on ordinary steps every entry is kept.
+    keep_tree = jax.tree.unflatten(treedef, [both[i] | ~is_update if i in idx_set else True
+                                             for i in range(len(both))])
+    # optax.masked / multi_transform states hold MaskedNode where a param is
+    # not theirs: those are leaves to leave alone, not subtrees to map over.
+    reset = optax.tree_map_params(inner, _reset_moments, base, keep_tree,
+                                  is_leaf=lambda v: isinstance(v, optax.MaskedNode))
+    new_inner = jax.tree.map(_like, reset, inner_state)
     new_updates = [zero_inactive(su, p, b) for su, p, b in zip(step_us, p_leaves, both)]
     did_update = is_update.astype(jnp.int32)
     stats = SparseStats(
@@ -512,7 +527,7 @@ def dynamic_sparse(
 
 
 def _like(value: Any, template: Any) -> Any:
-  """``value`` with ``template``'s dtype, so both ``lax.cond`` branches agree."""
+  """``value`` with ``template``'s dtype: the reset never changes the state's dtypes."""
   if hasattr(template, "dtype") and hasattr(value, "dtype"):
     return jnp.asarray(value, template.dtype)
   return value
