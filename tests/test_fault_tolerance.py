@@ -92,7 +92,9 @@ def _run_worker(tmp_path, workdir, mode="none", arg="0", timeout=180):
   if not config_path.exists():
     config_path.write_text(CONFIG_FILE)
   env = dict(os.environ)
-  if mode != "write_limit":  # (the cache's files would hit the limit too)
+  if mode == "write_limit":  # the cache's files would hit the limit too
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  else:
     # Restarts reuse the compiled steps; the executables are the same, so are the results.
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

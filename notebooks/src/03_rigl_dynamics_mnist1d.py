@@ -14,6 +14,7 @@
 
 # %%
 import io
+import os
 import time
 
 import jax
@@ -47,7 +48,10 @@ print("test set:", test["image"].shape, test["label"].shape)
 # counter), so ordinary and update steps share one compiled function.
 
 # %%
-TOTAL_STEPS, UPDATE_EVERY, BATCH = 1500, 100, 128
+# SIFT_JAX_NOTEBOOK_QUICK=1 (set by the test suite) runs every cell on a fifth of the steps.
+QUICK = os.environ.get("SIFT_JAX_NOTEBOOK_QUICK") == "1"
+TOTAL_STEPS, UPDATE_EVERY, SPECTRAL_EVERY = (300, 20, 100) if QUICK else (1500, 100, 300)
+BATCH = 128
 
 def make_tx(method, seed):
   inner = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(optax.cosine_decay_schedule(0.05, TOTAL_STEPS), momentum=0.9))
@@ -57,7 +61,7 @@ def make_tx(method, seed):
   factory = sift_jax.rigl if method == "rigl" else sift_jax.set_sparse
   return factory(inner, total_steps=TOTAL_STEPS, update_every=UPDATE_EVERY, **common)
 
-def train(method, seed=0, log_every=UPDATE_EVERY, spectral_every=300):
+def train(method, seed=0, log_every=UPDATE_EVERY, spectral_every=SPECTRAL_EVERY):
   tx = make_tx(method, seed)
   params = spec.module.init(jax.random.key(seed), jnp.zeros((1,) + spec.input_shape), train=False)["params"]
   opt_state = tx.init(params)
