@@ -182,4 +182,7 @@ def grow_sibling_groups(keys: list[jax.Array], kept: list[jax.Array], counts: li
   for gi, g in enumerate(groups):
     for pos, j in enumerate(g):
       grown[j] = stacks[gi]["grown"][pos]
-  return grown
+  # Every tensor is either free (chosen in round 0) or in exactly one group.
+  result = [g for g in grown if g is not None]
+  assert len(result) == len(grown)
+  return result
