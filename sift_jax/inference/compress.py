@@ -9,13 +9,15 @@ model works: registry models, :func:`sift_jax.transform`-ed ones, plain ones.
 
 Formats (:data:`FORMATS`; an extension point: one table entry per format):
 
-* ``"bitmask"``: one bit per kernel entry (is it nonzero?) and the nonzero
-  values in order; at inference the masked dense kernel is rebuilt (an
-  unpack, a cumulative sum and a gather over the kernel) and the layer runs
-  as it is. Storage is ``4 nnz + size / 8`` bytes (at most the dense
-  kernel's plus 1/32), compute is the masked dense layer's plus the rebuild.
-* ``"scatter"``: the same with flat int32 indices instead of bits (8 bytes
-  per nonzero); kept for artifacts written with it.
+* ``"scatter"``: the flat int32 indices and the values of the nonzeros (8
+  bytes per nonzero); at inference they are scattered into the masked dense
+  kernel and the layer runs as it is: compressed storage, the masked dense
+  layer's compute plus one scatter of the nonzeros (the cheapest rebuild we
+  measured on CPU: about 0.3 ms for 30k nonzeros).
+* ``"bitmask"``: one bit per kernel entry and the nonzero values in order:
+  ``4 nnz + size / 8`` bytes (the smallest storage above about 3% density),
+  but its rebuild (a cumulative sum and a gather over the whole kernel) costs
+  some 35x the scatter's on CPU; for storage, not for latency.
 * ``"ell"``: per output feature, the row indices and values of its nonzero
   weights, padded to the largest count (ELLPACK, stored column-major:
   ``(D_out, K)``). The product gathers the ``K`` needed input rows per output
@@ -26,7 +28,7 @@ Formats (:data:`FORMATS`; an extension point: one table entry per format):
   ``dot_general``, for comparison.
 
 ``format="auto"`` (the default) picks per layer: ELL at or below
-``ell_max_density``, else the bitmask. XLA has no fast unstructured-sparse
+``ell_max_density``, else the scatter format. XLA has no fast unstructured-sparse
 kernel for CPUs, so above about 1% density the masked dense product is the
 faster, and ``"auto"`` never computes a layer more slowly than the
 transformed model does, up to the rebuild of its kernel
@@ -203,7 +205,7 @@ FORMAT_CHOICES = ("auto",) + tuple(FORMATS)
 #: ``format="auto"``'s default density at or below which a layer is stored (and computed) as ELL.
 #: On XLA:CPU the ELL product costs about 100-200x a dense MAC per stored weight (a gather
 #: per weight, no reuse; `experiments/benchmarks/inference_latency.py`), so it only beats the
-#: masked dense kernel below about 1% density; above it the bitmask format (dense compute,
+#: masked dense kernel below about 1% density; above it the scatter format (dense compute,
 #: compact storage) is the faster.
 ELL_MAX_DENSITY = 0.01
 
@@ -362,7 +364,7 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "au
     masks: Optional bool tree with the structure of ``variables["params"]``;
       applied first. ``None``: the zeros of the trained weights are the mask.
     format: ``"auto"`` (per layer: ``"ell"`` at or below ``ell_max_density``,
-      else ``"bitmask"``) or a key of :data:`FORMATS`. ``"ell"`` and
+      else ``"scatter"``) or a key of :data:`FORMATS`. ``"ell"`` and
       ``"bcoo"`` compute sparse and are slower than the masked dense layer on
       CPUs at the densities Sparse-IFT trains (see the README's benchmark).
     max_density: Kernels with at most this fraction of nonzeros are compressed.
@@ -412,7 +414,7 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "au
     layer = layers[where] if layers is not None else _guess_layer(kernel)
     if layer is None:
       return
-    name = format if format != "auto" else ("ell" if density <= ell_max_density else "bitmask")
+    name = format if format != "auto" else ("ell" if density <= ell_max_density else "scatter")
     fmt = FORMATS[name]
     node.pop("kernel")
     packed = fmt.pack(kernel if fmt.layer is not None else dense_matrix(layer, kernel))
