@@ -1,4 +1,4 @@
-"""compress(): sparse kernels (ELL, BCOO) give the masked model's outputs; bytes shrink."""
+"""compress(): sparse kernels (auto, scatter, bitmask, ELL, BCOO) give the masked model's outputs."""
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,8 @@ def _masked(variables, density, seed=0):
 
 
 @pytest.mark.parametrize("arch,fmt", [("cnn_mnist1d", "ell"), ("cnn_mnist1d", "bcoo"),
-                                      ("resnet_basic_cifar", "ell"), ("gpt", "ell")])
+                                      ("cnn_mnist1d", "bitmask"), ("resnet_basic_cifar", "ell"),
+                                      ("gpt", "ell")])
 def test_compressed_sparse_wide_equals_the_masked_model(arch, fmt):
   model, shape = ARCHS[arch](FamilyConfig(family="sparse_wide", sparsity=0.8))
   x = _inputs(arch, shape)
@@ -37,8 +38,21 @@ def test_compressed_sparse_wide_equals_the_masked_model(arch, fmt):
   assert 0 < len(small.compressed) <= len(kernels)
   got = jax.jit(small.apply)(small.variables, x)
   assert _rel_err(got, want) <= 1e-5
-  if fmt == "ell":
+  assert set(small.formats.values()) == {fmt}
+  if fmt in ("ell", "bitmask"):
     assert variable_bytes(small.variables) < variable_bytes(variables)
+
+
+def test_auto_format_picks_ell_only_for_very_sparse_layers():
+  model, shape = ARCHS["mlp_mnist1d"](FamilyConfig(family="sparse_wide", sparsity=0.8))
+  x = _inputs("mlp_mnist1d", shape)
+  variables = _masked(_trained_like(_init(model, x, train=False)), density=0.2)
+  want = model.apply(variables, x, train=False)
+  for ell_max_density, expected in ((0.01, "scatter"), (0.3, "ell")):
+    small = compress(model, variables, example_input=x, ell_max_density=ell_max_density)
+    assert small.format == "auto" and set(small.formats.values()) == {expected}
+    assert tuple(small.formats) == small.compressed
+    assert _rel_err(jax.jit(small.apply)(small.variables, x), want) <= 1e-5
 
 
 def test_compressed_transformed_user_model_with_strided_padded_dilated_convs():
@@ -61,7 +75,7 @@ def test_compressed_transformed_user_model_with_strided_padded_dilated_convs():
     # The transformed layers (inside the members); Sparse Wide keeps the head as it is.
     assert small.compressed
     assert any(p.startswith("head") for p in small.compressed) == (family != "sparse_wide")
-    assert _rel_err(small(x), model.apply(variables, x)) <= 1e-5
+    assert _rel_err(jax.jit(small.apply)(small.variables, x), jax.jit(model.apply)(variables, x)) <= 1e-5
 
 
 def test_compress_bad_input():
@@ -72,6 +86,8 @@ def test_compress_bad_input():
     compress(model, variables, format="csr5", example_input=x)
   with pytest.raises(ValueError, match=r"max_density must be in \(0, 1\], got 0"):
     compress(model, variables, max_density=0, example_input=x)
+  with pytest.raises(ValueError, match=r"ell_max_density must be in \[0, 1\], got 2"):
+    compress(model, variables, ell_max_density=2, example_input=x)
   masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), variables["params"])
   masks["fc_0"].pop("kernel")
   with pytest.raises(ValueError, match=r"masks.*missing.*fc_0/kernel"):

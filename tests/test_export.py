@@ -84,7 +84,8 @@ def test_export_cli_compresses_and_reloads(finished_run, tmp_path):
   want = np.asarray(spec.module.apply(variables, x, train=False))
   got = _reload_in_fresh_process(out, x, tmp_path)
   assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
-  bad = subprocess.run([sys.executable, "-m", "sift_jax.export", "--workdir", str(tmp_path / "nope"),
-                        "--out", str(tmp_path / "x")], env=env, capture_output=True, text=True,
-                       timeout=300)
-  assert bad.returncode == 2 and "no checkpoints in" in bad.stderr
+
+def test_export_cli_bad_workdir_exits_2_naming_it(tmp_path, capsys):
+  assert export_lib.main(["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+  err = capsys.readouterr().err
+  assert "no checkpoints in" in err and str(tmp_path / "nope") in err

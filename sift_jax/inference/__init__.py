@@ -12,7 +12,8 @@
 
 from sift_jax.inference.fold import FOLDABLE_FAMILIES, FoldError, dense_counterpart, fold, member_config
 
-from sift_jax.inference.compress import FORMATS, CompressedModel, compress, variable_bytes
+from sift_jax.inference.compress import (ELL_MAX_DENSITY, FORMAT_CHOICES, FORMATS, CompressedModel, compress,
+                                         variable_bytes)
 
-__all__ = ["FORMATS", "CompressedModel", "FOLDABLE_FAMILIES", "FoldError", "compress", "dense_counterpart", "fold",
-           "member_config", "variable_bytes"]
+__all__ = ["ELL_MAX_DENSITY", "FORMAT_CHOICES", "FORMATS", "CompressedModel", "FOLDABLE_FAMILIES",
+           "FoldError", "compress", "dense_counterpart", "fold", "member_config", "variable_bytes"]

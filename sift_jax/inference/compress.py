@@ -9,18 +9,30 @@ model works: registry models, :func:`sift_jax.transform`-ed ones, plain ones.
 
 Formats (:data:`FORMATS`; an extension point: one table entry per format):
 
+* ``"scatter"``: the flat int32 indices and the values of the nonzeros (8
+  bytes per nonzero); at inference they are scattered into the masked dense
+  kernel and the layer runs as it is: compressed storage, the masked dense
+  layer's compute plus one scatter of the nonzeros (the cheapest rebuild we
+  measured on CPU: about 0.3 ms for 30k nonzeros).
+* ``"bitmask"``: one bit per kernel entry and the nonzero values in order:
+  ``4 nnz + size / 8`` bytes (the smallest storage above about 3% density),
+  but its rebuild (a cumulative sum and a gather over the whole kernel) costs
+  some 35x the scatter's on CPU; for storage, not for latency.
 * ``"ell"``: per output feature, the row indices and values of its nonzero
   weights, padded to the largest count (ELLPACK, stored column-major:
   ``(D_out, K)``). The product gathers the ``K`` needed input rows per output
   feature, ``y[:, j] = sum_k x[:, idx[j, k]] * val[j, k]``; its work is the
-  nonzero count (plus padding), not the dense size.
+  nonzero count (plus padding), not the dense size, but on CPUs each gathered
+  weight costs far more than a dense MAC (see :data:`ELL_MAX_DENSITY`).
 * ``"bcoo"``: :class:`jax.experimental.sparse.BCOO` of the 2-D kernel and its
   ``dot_general``, for comparison.
-* ``"scatter"``: the flat indices and values of the nonzeros; at inference
-  they are scattered into a dense kernel and the layer runs as it is. Storage
-  is compressed, compute is the masked dense layer's (plus the scatter): on
-  CPUs, where XLA has no fast unstructured-sparse kernel, this is the faster
-  of the two at every batch size measured (see the README).
+
+``format="auto"`` (the default) picks per layer: ELL at or below
+``ell_max_density``, else the scatter format. XLA has no fast unstructured-sparse
+kernel for CPUs, so above about 1% density the masked dense product is the
+faster, and ``"auto"`` never computes a layer more slowly than the
+transformed model does, up to the rebuild of its kernel
+(:attr:`CompressedModel.formats` says what each layer got).
 
 Convolutions become patch extraction (``lax.conv_general_dilated_patches``,
 with the layer's strides, padding and dilations) followed by the sparse
@@ -30,6 +42,7 @@ product. Everything is jittable and exportable with ``jax.export``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional, cast
 
@@ -44,7 +57,8 @@ from sift_jax.models.registry import ModelSpec
 from sift_jax.transformations.transform import TransformedModel
 from sift_jax.transformations.transform import _STATE as _TRANSFORM_STATE  # replacement depth
 
-__all__ = ["compress", "CompressedModel", "FORMATS", "variable_bytes", "dense_matrix"]
+__all__ = ["compress", "CompressedModel", "ELL_MAX_DENSITY", "FORMATS", "FORMAT_CHOICES", "variable_bytes",
+           "dense_matrix"]
 
 
 def variable_bytes(tree: Any) -> int:
@@ -118,9 +132,31 @@ def _pack_scatter(kernel: np.ndarray) -> dict[str, np.ndarray]:
           "scatter_columns": np.zeros((kernel.shape[-1],), np.int8)}
 
 
-def _scatter_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Array],
-                   d_out: int) -> jax.Array:
-  """Scatters the nonzeros into a dense kernel and runs the layer's own computation."""
+def _scatter_kernel(stored: Mapping[str, jax.Array], size: int, dtype: Any) -> jax.Array:
+  return jnp.zeros((size,), dtype).at[stored["scatter_indices"]].set(
+      stored["scatter_values"].astype(dtype), unique_indices=True, indices_are_sorted=True)
+
+
+def _pack_bitmask(kernel: np.ndarray) -> dict[str, np.ndarray]:
+  flat = kernel.reshape(-1)
+  nonzero = flat != 0
+  return {"bitmask_bits": np.packbits(nonzero), "bitmask_values": flat[nonzero].astype(np.float32),
+          "bitmask_columns": np.zeros((kernel.shape[-1],), np.int8)}
+
+
+def _bitmask_kernel(stored: Mapping[str, jax.Array], size: int, dtype: Any) -> jax.Array:
+  values = stored["bitmask_values"].astype(dtype)
+  if values.shape[0] == 0:
+    return jnp.zeros((size,), dtype)
+  nonzero = jnp.unpackbits(stored["bitmask_bits"], count=size).astype(bool)
+  # The k-th set bit holds the k-th stored value (both in the kernel's row-major order).
+  rank = jnp.clip(jnp.cumsum(nonzero, dtype=jnp.int32) - 1, 0, values.shape[0] - 1)
+  return jnp.where(nonzero, values[rank], jnp.zeros((), dtype))
+
+
+def _dense_kernel_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Array],
+                        d_out: int, *, build: Callable[..., jax.Array]) -> jax.Array:
+  """Rebuilds the (masked) dense kernel from its stored form and runs the layer's own computation."""
   if isinstance(module, nn.Conv):
     shape = tuple(_as_tuple(module.kernel_size)) + (x.shape[-1], d_out)
     features: Any = d_out
@@ -131,8 +167,7 @@ def _scatter_layer(module: nn.Module, x: jax.Array, stored: Mapping[str, jax.Arr
     features = features if isinstance(module.features, (tuple, list)) else d_out
   else:
     shape, features = (x.shape[-1], d_out), d_out
-  kernel = jnp.zeros((int(math.prod(shape)),), x.dtype).at[stored["scatter_indices"]].set(
-      stored["scatter_values"].astype(x.dtype), unique_indices=True, indices_are_sorted=True)
+  kernel = build(stored, int(math.prod(shape)), x.dtype)
   params = {"kernel": kernel.reshape(shape)}
   if module.use_bias:
     params["bias"] = module.get_variable("params", "bias")
@@ -151,15 +186,30 @@ class _Format:
   layer: Optional[Callable[..., jax.Array]] = None
 
 
-#: Sparse kernel formats: ``name -> pack / matmul``.
+#: Sparse kernel formats: ``name -> pack / matmul`` (or ``pack / layer`` for the formats that
+#: rebuild the masked dense kernel and run the layer as it is).
 FORMATS: dict[str, _Format] = {
+    "bitmask": _Format(_pack_bitmask, None, ("bitmask_bits", "bitmask_values", "bitmask_columns"),
+                       lambda s: s["bitmask_columns"].shape[0],
+                       layer=functools.partial(_dense_kernel_layer, build=_bitmask_kernel)),
     "ell": _Format(_pack_ell, _matmul_ell, ("ell_indices", "ell_values"),
                    lambda s: s["ell_indices"].shape[0]),
     "bcoo": _Format(_pack_bcoo, _matmul_bcoo, ("bcoo_data", "bcoo_indices", "bcoo_columns"),
                     lambda s: s["bcoo_columns"].shape[0]),
     "scatter": _Format(_pack_scatter, None, ("scatter_indices", "scatter_values", "scatter_columns"),
-                       lambda s: s["scatter_columns"].shape[0], layer=_scatter_layer),
+                       lambda s: s["scatter_columns"].shape[0],
+                       layer=functools.partial(_dense_kernel_layer, build=_scatter_kernel)),
 }
+
+#: What ``compress(format=...)`` accepts: a :data:`FORMATS` key, or ``"auto"`` (per layer, by density).
+FORMAT_CHOICES = ("auto",) + tuple(FORMATS)
+
+#: ``format="auto"``'s default density at or below which a layer is stored (and computed) as ELL.
+#: On XLA:CPU the ELL product costs about 100-200x a dense MAC per stored weight (a gather
+#: per weight, no reuse; `experiments/benchmarks/inference_latency.py`), so it only beats the
+#: masked dense kernel below about 1% density; above it the scatter format (dense compute,
+#: compact storage) is the faster.
+ELL_MAX_DENSITY = 0.01
 
 
 def _format_of(params: Mapping[str, Any]) -> Optional[_Format]:
@@ -271,10 +321,11 @@ class CompressedModel:
       ``variables`` by :meth:`apply`).
     variables: The variables with every compressed ``kernel`` replaced by
       the format's arrays (e.g. ``ell_indices``, ``ell_values``).
-    format: Key of :data:`FORMATS`.
+    format: The requested format: ``"auto"`` or a key of :data:`FORMATS`.
     apply_kwargs: Keyword arguments always passed to ``module.apply``
       (``train=False`` for registry models).
     compressed: Paths of the compressed kernels.
+    formats: ``{path: FORMATS key}`` of every compressed kernel.
   """
 
   module: nn.Module
@@ -282,6 +333,7 @@ class CompressedModel:
   format: str
   apply_kwargs: Mapping[str, Any]
   compressed: tuple[str, ...]
+  formats: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
     """``module.apply`` with the sparse layers computed from their sparse kernels (jittable)."""
@@ -299,8 +351,9 @@ def _plain(tree: Any) -> Any:
   return tree
 
 
-def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "scatter",
-             max_density: float = 0.5, example_input: Any = None) -> CompressedModel:
+def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "auto",
+             max_density: float = 0.5, ell_max_density: float = ELL_MAX_DENSITY,
+             example_input: Any = None) -> CompressedModel:
   """Stores a trained model's sparse kernels in a sparse format for inference.
 
   Every ``kernel`` of an ``nn.Dense``/``nn.DenseGeneral``/``nn.Conv`` layer
@@ -313,9 +366,13 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "sc
     variables: Its variables (``{"params": ..., "batch_stats": ...}``).
     masks: Optional bool tree with the structure of ``variables["params"]``;
       applied first. ``None``: the zeros of the trained weights are the mask.
-    format: A key of :data:`FORMATS`: ``"scatter"`` (the default: the fastest on CPU in
-      our measurements), ``"ell"`` (sparse compute) or ``"bcoo"``.
+    format: ``"auto"`` (per layer: ``"ell"`` at or below ``ell_max_density``,
+      else ``"scatter"``) or a key of :data:`FORMATS`. ``"ell"`` and
+      ``"bcoo"`` compute sparse and are slower than the masked dense layer on
+      CPUs at the densities Sparse-IFT trains (see the README's benchmark).
     max_density: Kernels with at most this fraction of nonzeros are compressed.
+    ell_max_density: For ``format="auto"``: the density at or below which a
+      layer is stored as ELL.
     example_input: For a plain module, one input batch to find its layers
       (a ModelSpec knows its input); without it, kernels are found by name.
 
@@ -323,14 +380,16 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "sc
     A :class:`CompressedModel`.
 
   Raises:
-    ValueError: for an unknown format, ``max_density`` outside (0, 1], masks
-      that do not match the params (naming the path), variables without
-      ``params``.
+    ValueError: for an unknown format, ``max_density`` or ``ell_max_density``
+      outside their ranges, masks that do not match the params (naming the
+      path), variables without ``params``.
   """
-  if format not in FORMATS:
-    raise ValueError(f"compress(): unknown format {format!r}; expected one of {tuple(FORMATS)}")
+  if format not in FORMAT_CHOICES:
+    raise ValueError(f"compress(): unknown format {format!r}; expected one of {FORMAT_CHOICES}")
   if not 0.0 < float(max_density) <= 1.0:
     raise ValueError(f"compress(): max_density must be in (0, 1], got {max_density!r}")
+  if not 0.0 <= float(ell_max_density) <= 1.0:
+    raise ValueError(f"compress(): ell_max_density must be in [0, 1], got {ell_max_density!r}")
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError("compress(): variables must be the model's variables dict with a 'params' "
                      "collection")
@@ -339,8 +398,7 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "sc
     variables["params"] = _plain(mask_ops.apply_masks(variables["params"], _plain(masks)))
   module, kwargs, x = _resolve(model, example_input)
   layers = _layer_modules(module, kwargs, x, variables) if x is not None else None
-  fmt = FORMATS[format]
-  compressed = []
+  formats: dict[str, str] = {}
   params = variables["params"]
 
   def visit(node, path):
@@ -359,13 +417,15 @@ def compress(model: Any, variables: Any, masks: Any = None, *, format: str = "sc
     layer = layers[where] if layers is not None else _guess_layer(kernel)
     if layer is None:
       return
+    name = format if format != "auto" else ("ell" if density <= ell_max_density else "scatter")
+    fmt = FORMATS[name]
     node.pop("kernel")
     packed = fmt.pack(kernel if fmt.layer is not None else dense_matrix(layer, kernel))
     node.update({k: jnp.asarray(v) for k, v in packed.items()})
-    compressed.append(where)
+    formats[where] = name
 
   visit(params, ())
-  return CompressedModel(module, variables, format, kwargs, tuple(compressed))
+  return CompressedModel(module, variables, format, kwargs, tuple(formats), formats)
 
 
 def _guess_layer(kernel: np.ndarray) -> Optional[nn.Module]:

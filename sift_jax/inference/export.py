@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sift_jax.inference.compress import FORMATS, compress, variable_bytes
+from sift_jax.inference.compress import FORMAT_CHOICES, compress, variable_bytes
 from sift_jax.inference.fold import FoldError, fold
 
 __all__ = ["export_run", "export_model", "load_run", "ExportResult", "MODES", "main"]
@@ -90,7 +90,7 @@ def _inference_model(spec: Any, variables: Any, masks: Any, mode: str, fmt: str
 
 
 def export_model(spec: Any, variables: Any, out_dir: str, *, masks: Any = None, mode: str = "auto",
-                 format: str = "scatter", extra_info: Optional[dict] = None) -> ExportResult:
+                 format: str = "auto", extra_info: Optional[dict] = None) -> ExportResult:
   """Folds or compresses a registry model's trained variables and writes the artifacts.
 
   Args:
@@ -100,7 +100,8 @@ def export_model(spec: Any, variables: Any, out_dir: str, *, masks: Any = None, 
     masks: Optional masks (else the zeros of the weights).
     mode: ``"auto"`` (fold where the member folds, else compress), ``"fold"``
       (raise where it does not) or ``"compress"``.
-    format: The :data:`sift_jax.inference.FORMATS` key used to compress.
+    format: How to compress: ``"auto"`` (per layer by density) or a
+      :data:`sift_jax.inference.FORMATS` key.
     extra_info: More entries for ``export.json``.
 
   Returns:
@@ -202,7 +203,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[Any, dict, Any, 
   return funcs.spec, variables, masks, int(step)
 
 
-def export_run(workdir: str, out_dir: str, *, mode: str = "auto", format: str = "scatter",
+def export_run(workdir: str, out_dir: str, *, mode: str = "auto", format: str = "auto",
                step: Optional[int] = None) -> ExportResult:
   """Exports a finished training run (see the module docstring)."""
   spec, variables, masks, step = load_run(workdir, step)
@@ -219,8 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--out", required=True, help="output directory (new)")
   parser.add_argument("--mode", default="auto", choices=MODES,
                       help="fold where the member folds (auto), only fold, or compress")
-  parser.add_argument("--format", default="scatter", choices=tuple(FORMATS),
-                      help="sparse format of compressed kernels")
+  parser.add_argument("--format", default="auto", choices=FORMAT_CHOICES,
+                      help="sparse format of compressed kernels (auto: per layer by density)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   args = parser.parse_args(argv)
   try:
