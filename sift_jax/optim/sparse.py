@@ -416,8 +416,12 @@ def dynamic_sparse(
 
     idx = [i for i, flag in enumerate(flags) if flag]
     idx_set = set(idx)
-    groups = [] if grow_groups is None else branch_growth.resolve_groups(
-        grow_groups, params, [tree_paths.leaf_paths(params)[i] for i in idx], what=name)
+    if grow_groups is None:
+      groups = []
+    else:
+      leaf_paths = tree_paths.leaf_paths(params)
+      groups = branch_growth.resolve_groups(grow_groups, params, [leaf_paths[i] for i in idx],
+                                            what=name)
     n_final = final_counts(params) if pruning else None
     ever_leaves = treedef.flatten_up_to(state.stats.ever_active)
     is_update = is_update_step(state.count)
