@@ -421,3 +421,31 @@ def test_get_masks_inside_chains():
                    sift_jax.rigl(optax.sgd(0.1), sparsity=0.5, total_steps=10))
   state = tx.init(params)
   assert sift_jax.get_masks(state)["fc1"]["kernel"].shape == (12, 32)
+
+
+@pytest.mark.parametrize("method", ["static", "rigl"])
+def test_leaves_the_policy_skips_pass_through_and_explicit_densities_still_mask(method):
+  # fc1/kernel is selected; fc2/kernel is not, but has an explicit density
+  # 0.5, so its mask holds zeros that must stay exact zeros; the biases are
+  # neither selected nor sparse: their masks stay all-true.
+  params = mlp_params()
+  policy = sift_jax.SparsityPolicy(sparse=(r"fc1/kernel",))
+  dens = {"fc1": {"kernel": 0.25, "bias": 1.0}, "fc2": {"kernel": 0.5, "bias": 1.0}}
+  inner = optax.sgd(0.05, momentum=0.9)
+  if method == "static":
+    tx = sift_jax.static_sparse(inner, densities=dens, policy=policy)
+  else:
+    tx = sift_jax.rigl(inner, densities=dens, policy=policy, total_steps=40, update_every=5)
+  state = tx.init(params)
+  mask2 = np.asarray(state.masks["fc2"]["kernel"])
+  assert mask2.sum() == round(0.5 * mask2.size)
+  step = make_step(tx)
+  x, y = data()
+  for _ in range(12):
+    params, state, _ = step(params, state, x, y)
+  assert np.all(np.asarray(params["fc2"]["kernel"])[~mask2] == 0.0)
+  np.testing.assert_array_equal(np.asarray(state.masks["fc2"]["kernel"]), mask2)
+  m1 = np.asarray(state.masks["fc1"]["kernel"])
+  assert m1.sum() == round(0.25 * m1.size)
+  assert np.all(np.asarray(params["fc1"]["kernel"])[~m1] == 0.0)
+  assert np.all(np.asarray(state.masks["fc1"]["bias"]))
