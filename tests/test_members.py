@@ -192,13 +192,20 @@ def test_parallel_branch_norms_break_the_gradient_symmetry(layer):
 
 
 def test_doped_trains_without_nan_where_the_template_init_diverged(tmp_path):
-  """digits seed 22, s = 0.9, RigL at lr 0.1: NaN at step 171 with the template initialisation
-  of U and V (the reference's); finite with the default (step-matched) one."""
+  """digits seed 22, s = 0.9, RigL at lr 0.1: the template initialisation of U and V (the
+  reference's) is unstable, finite training with the default (step-matched) one.
+
+  Where exactly the template run blows up depends on the CPU's floating-point code
+  generation: on one machine it hit NaN at step 171, on another its loss spiked to 3x the
+  default run's worst after warm-up without reaching NaN. Either counts as unstable."""
   losses, _ = _mlp_run(tmp_path, family="sparse_doped", seed=22, steps=200)
   assert np.all(np.isfinite(losses)) and max(losses[5:]) < 1.0 and losses[-1] < 0.1, losses
-  with pytest.raises(NonFiniteLossError, match="at step 171"):
-    _mlp_run(tmp_path, family="sparse_doped", seed=22, steps=200,
-             **{"model.kwargs.doped_low_rank_init": "template"})
+  try:
+    template, _ = _mlp_run(tmp_path, family="sparse_doped", seed=22, steps=200,
+                           **{"model.kwargs.doped_low_rank_init": "template"})
+  except NonFiniteLossError:
+    return
+  assert max(template[5:]) > 2.0 * max(losses[5:]), (max(template[5:]), max(losses[5:]))
 
 
 def test_doped_step_matched_initialisation_golden():
