@@ -335,8 +335,9 @@ def dynamic_sparse(
       return densities_lib.layer_densities(params, sparsity, distribution=distribution, policy=policy)
     return None
 
-  def updatable(params) -> list[bool]:
-    """Static per-leaf flags: which leaves a mask update may change."""
+  def leaf_flags(params) -> tuple[list[bool], list[bool]]:
+    """Static per-leaf flags: which leaves a mask update may change, and which
+    masks are all-true by construction, forever."""
     # A static mask given explicitly needs no policy; a dynamic method whose
     # policy selects nothing would silently train static masks, so it raises.
     flags = jax.tree.leaves(selection.select_sparse(
@@ -344,16 +345,13 @@ def dynamic_sparse(
     dens = resolve_densities(params)
     if dens is not None:
       flags = [f and float(d) < 1.0 for f, d in zip(flags, jax.tree.leaves(dens))]
-    return flags
-
-  def always_active(params, flags: list[bool]) -> list[bool]:
-    """Static per-leaf flags: which masks are all-true by construction, forever."""
     if masks is not None:
-      return [False] * len(flags)  # explicit masks may hold zeros anywhere
-    if start_dense:
-      return [not f for f in flags]  # start all-true; only updatable leaves shrink
-    dens = resolve_densities(params)
-    return [not f and float(d) >= 1.0 for f, d in zip(flags, jax.tree.leaves(dens))]
+      always = [False] * len(flags)  # explicit masks may hold zeros anywhere
+    elif start_dense:
+      always = [not f for f in flags]  # start all-true; only updatable leaves shrink
+    else:
+      always = [not f and float(d) >= 1.0 for f, d in zip(flags, jax.tree.leaves(dens))]
+    return flags, always
 
   def final_counts(params) -> list[int]:
     """Static per-leaf active counts that pruning reaches."""
@@ -361,7 +359,7 @@ def dynamic_sparse(
             for p, d in zip(jax.tree.leaves(params), jax.tree.leaves(resolve_densities(params)))]
 
   def init_fn(params):
-    updatable(params)  # bad policies and density trees fail here, not at the first update
+    leaf_flags(params)  # bad policies and density trees fail here, not at the first update
     init_key, state_key = jax.random.split(jax.random.wrap_key_data(key_data))
     if masks is not None:
       initial = ops.check_masks(params, masks)
@@ -397,20 +395,18 @@ def dynamic_sparse(
     grads = ops.conform(params, updates, "updates")
     ops.check_same_shapes(params, grads, "updates")
     cur_masks = ops.conform(params, state.masks, "opt_state.masks")
-    flags = updatable(params)
+    flags, all_active = leaf_flags(params)
     p_leaves = treedef.flatten_up_to(params)
     g_leaves = treedef.flatten_up_to(grads)
     m_leaves = treedef.flatten_up_to(cur_masks)
 
-    # Leaves whose mask is all-active by construction (not selected, or at
-    # density 1, and no explicit masks=) are passed through unmasked: selecting
-    # with an all-true mask changes no value, but costs XLA one more pass over
-    # the gradient per leaf (a separate fusion on CPU), which for biases and
-    # dense layers is pure overhead.
-    all_active = always_active(params, flags)
-
-    def keep_active(x, m, dense, fill=None):
-      if dense:
+    # Leaves whose mask is all-true by construction (not updatable, at density
+    # 1, no explicit masks=) are passed through unmasked: selecting with an
+    # all-true mask changes no value, but costs XLA one more pass over the
+    # gradient per leaf (a separate fusion on CPU), which for biases and dense
+    # layers is pure overhead.
+    def keep_active(x, m, always, fill=None):
+      if always:
         return x
       return jnp.where(m, x, jnp.zeros_like(x) if fill is None else fill)
 
@@ -425,9 +421,9 @@ def dynamic_sparse(
                                               **extra_args)
     u_leaves = treedef.flatten_up_to(inner_updates)
 
-    def zero_inactive(u, p, m, dense):
+    def zero_inactive(u, p, m, always):
       # The update of an inactive weight is -p, so it is exactly 0 afterwards.
-      return keep_active(u, m, dense, fill=-p).astype(u.dtype)
+      return keep_active(u, m, always, fill=-p).astype(u.dtype)
 
     if is_update_step is None:
       new_updates = [zero_inactive(u, p, m, d)
