@@ -47,10 +47,11 @@ import functools
 import inspect
 import re
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, overload
 
 import flax.linen as nn
 from flax import errors as flax_errors
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
@@ -59,6 +60,7 @@ from sift_jax.masks import selection
 from sift_jax.transformations import isoflop
 from sift_jax.transformations import layers as layers_lib
 from sift_jax.transformations import members as members_lib
+from sift_jax.transformations import nnx_bridge
 from sift_jax.transformations.family import FamilyConfig
 
 __all__ = ["transform", "TransformedModel", "transformed_policy"]
@@ -433,6 +435,7 @@ def _macs_at_init(module: nn.Module, inputs: Sequence[Any], kwargs: dict
   return trace.macs, trace.variables
 
 
+@overload
 def transform(model: nn.Module, *, family: str, sparsity: float,
               policy: Optional[selection.SparsityPolicy] = None,
               layers: Optional[Sequence[str]] = None,
@@ -440,7 +443,28 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
               round_to: int = 1, factorized_mid: str = "linear",
               parallel_norm: bool = True,
               parallel_activation: Optional[Callable[[jax.Array], jax.Array]] = None
-              ) -> TransformedModel:
+              ) -> TransformedModel: ...
+
+
+@overload
+def transform(model: nnx.Module, *, family: str, sparsity: float,
+              policy: Optional[selection.SparsityPolicy] = None,
+              layers: Optional[Sequence[str]] = None,
+              output_layers: Optional[Sequence[str]] = None, reference: bool = False,
+              round_to: int = 1, factorized_mid: str = "linear",
+              parallel_norm: bool = True,
+              parallel_activation: Optional[Callable[[jax.Array], jax.Array]] = None
+              ) -> nnx_bridge.TransformedNnxModel: ...
+
+
+def transform(model: Any, *, family: str, sparsity: float,
+              policy: Optional[selection.SparsityPolicy] = None,
+              layers: Optional[Sequence[str]] = None,
+              output_layers: Optional[Sequence[str]] = None, reference: bool = False,
+              round_to: int = 1, factorized_mid: str = "linear",
+              parallel_norm: bool = True,
+              parallel_activation: Optional[Callable[[jax.Array], jax.Array]] = None
+              ) -> Any:
   """Applies a Sparse-IFT member to a Flax Linen model without editing its code.
 
   Example::
@@ -476,8 +500,13 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
   (``sift_jax.models.get_model(..., reference=True)``) reproduce the
   reference's placement exactly.
 
+  An ``nnx.Module`` is converted to Linen, transformed and wrapped back
+  into NNX: the result is a
+  :class:`sift_jax.transformations.TransformedNnxModel`, initialised by
+  ``lazy_init(x)`` (:mod:`sift_jax.transformations.nnx_bridge`).
+
   Args:
-    model: An unbound Linen module.
+    model: An unbound Linen module, or an ``nnx.Module``.
     family: ``"dense"``, ``"sparse_wide"``, ``"sparse_parallel"``,
       ``"sparse_factorized"``, ``"sparse_doped"`` or a member added with
       :func:`sift_jax.transformations.register_member`.
@@ -503,18 +532,25 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
       ImageNet blocks).
 
   Returns:
-    A :class:`TransformedModel`.
+    A :class:`TransformedModel` (a :class:`TransformedNnxModel` for an NNX model).
 
   Raises:
+    TypeError: if ``model`` is neither a Linen nor an NNX module.
     ValueError: for an unknown family, a sparsity outside [0, 1), a nonzero
-      sparsity with ``family="dense"`` (nothing would use it), a model that
-      is not a Linen module, invalid regexes or a non-callable
+      sparsity with ``family="dense"`` (nothing would use it), invalid regexes or a non-callable
       ``parallel_activation``. A model in which nothing gets transformed, or
       whose output shape Sparse Wide would change, raises when it is first
       traced (``init``/``apply``).
   """
+  if nnx_bridge.is_nnx_module(model):  # converted to Linen, transformed, wrapped back (nnx_bridge)
+    return nnx_bridge.transform_nnx(
+        model, family=family, sparsity=sparsity, policy=policy, layers=layers,
+        output_layers=output_layers, reference=reference, round_to=round_to,
+        factorized_mid=factorized_mid, parallel_norm=parallel_norm,
+        parallel_activation=parallel_activation)
   if not isinstance(model, nn.Module):
-    raise ValueError(f"transform() expects a flax.linen Module, got {type(model).__name__}")
+    raise TypeError(f"transform() expects a flax.nnx Module or a flax.linen Module, got "
+                    f"{type(model).__name__}")
   if parallel_activation is not None and not callable(parallel_activation):
     raise ValueError(f"transform(): parallel_activation must be callable or None, got "
                      f"{parallel_activation!r}")
