@@ -213,24 +213,71 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def count_macs(module: Any, variables: Mapping[str, Any], *inputs: Any, **apply_kwargs: Any) -> MacCount:
+def _is_nnx(module: Any) -> bool:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return isinstance(module, nnx.Module)
+
+
+def _count_nnx_macs(module: Any, inputs: Sequence[Any], call_kwargs: Mapping[str, Any]) -> MacCount:
+  """MACs of ``module(*inputs, **call_kwargs)`` for an NNX module (its state is its variables)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  pure = params.to_pure_dict()
+  if not jax.tree.leaves(pure):
+    raise ValueError(f"count_macs(): the NNX module {type(module).__name__} has no nnx.Param "
+                     "(a TransformedNnxModel creates its parameters in lazy_init(x): call it first)")
+  pure, rest, inputs = _abstract(pure), _abstract(rest), _abstract(tuple(inputs))
+
+  def fn(pure, rest, *inputs):
+    state = nnx.State(params)  # a copy: the caller's state is left as it is
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state, rest)(*inputs, **call_kwargs)
+
+  closed = jax.make_jaxpr(fn)(pure, rest, *inputs)
+  paths = tree_paths.leaf_paths(pure)
+  n_params, n_rest = len(paths), len(jax.tree.leaves(rest))
+  labels = ([_Label(False, frozenset([i])) for i in range(n_params)] + [_CONST] * n_rest)
+  labels += [_DATA] * (len(closed.jaxpr.invars) - len(labels))
+  walker = _Walker(paths)
+  walker.walk(closed.jaxpr, labels)
+  return MacCount(tuple(MacRow(name, macs, param) for (name, param), macs in walker.macs.items()))
+
+
+def count_macs(module: Any, variables: Any, *inputs: Any, **apply_kwargs: Any) -> MacCount:
   """Counts the forward MACs of ``module.apply(variables, *inputs, **apply_kwargs)``.
+
+  An NNX module holds its variables: call ``count_macs(nnx_module, *inputs)``
+  (rows are named by the ``nnx.state(module, nnx.Param)`` paths, e.g.
+  ``"stem/kernel"``).
 
   Nothing is computed: the function is traced with ``jax.make_jaxpr`` on the
   shapes of ``variables`` and ``inputs`` (arrays or ``jax.ShapeDtypeStruct``).
   Give inputs with batch size 1 for per-example counts.
 
   Args:
-    module: A Flax Linen module (anything with ``.apply``).
+    module: A Flax Linen module (anything with ``.apply``) or an ``nnx.Module``.
     variables: Its variables; ``variables["params"]`` is the parameter tree the
-      rows' paths refer to.
+      rows' paths refer to. For an NNX module, the first input.
     *inputs: Model inputs (arrays or ``ShapeDtypeStruct``).
     **apply_kwargs: Static keyword arguments of ``apply`` (e.g. ``train=False``).
 
   Returns:
     A :class:`MacCount` with one row per parameter leaf that feeds a product
     and one per group of activation x activation products.
+
+  Raises:
+    ValueError: if ``variables`` has no ``"params"`` (Linen), or the NNX
+      module has no ``nnx.Param``.
+    TypeError: if ``module`` is neither (it has no ``apply``).
   """
+  if _is_nnx(module):
+    return _count_nnx_macs(module, (variables,) + inputs, apply_kwargs)
+  if not callable(getattr(module, "apply", None)):
+    raise TypeError(f"count_macs() expects a flax.linen Module (with .apply) or a flax.nnx "
+                    f"Module, got {type(module).__name__}")
+  if not isinstance(variables, Mapping):
+    raise TypeError(f"count_macs(): variables must be a mapping of collections ({{'params': "
+                    f"...}}), got {type(variables).__name__}")
   if "params" not in variables:
     raise ValueError(f"variables must hold a 'params' collection, got {sorted(variables)}")
   variables = _abstract(dict(variables))
@@ -279,7 +326,8 @@ def trace_macs(module: Any, *inputs: Any, **init_kwargs: Any) -> MacTrace:
   falls back to :func:`count_macs` on the traced shapes.
 
   Args:
-    module: A Flax Linen module.
+    module: A Flax Linen module, or an ``nnx.Module`` (already initialised:
+      its MACs come from :func:`count_macs`, its variables from its state).
     *inputs: Model inputs (arrays or ``ShapeDtypeStruct``), batch 1 for
       per-example counts.
     **init_kwargs: Static keyword arguments of ``__call__`` (``train=False``).
@@ -287,6 +335,14 @@ def trace_macs(module: Any, *inputs: Any, **init_kwargs: Any) -> MacTrace:
   Returns:
     A :class:`MacTrace`.
   """
+  if _is_nnx(module):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    macs = _count_nnx_macs(module, inputs, init_kwargs)
+    graphdef, state = nnx.split(module)
+    out = jax.eval_shape(lambda s, *x: nnx.merge(graphdef, s)(*x, **init_kwargs), state,
+                         *_abstract(inputs))
+    params = _abstract(nnx.state(module, nnx.Param).to_pure_dict())
+    return MacTrace(macs, {"params": params}, out)
   inputs = _abstract(inputs)
 
   def fn(*inputs):

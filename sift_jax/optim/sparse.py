@@ -700,8 +700,22 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: Optional[float] = Non
                         grow_groups=grow_groups, seed=seed, name="rigl")
 
 
+def _unwrap_variables(tree: Any) -> Any:
+  """Replaces ``nnx.Variable`` leaves (``nnx.Optimizer``'s ``OptArray``) by their arrays."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  if not any(is_variable(l) for l in jax.tree.leaves(tree, is_leaf=is_variable)):
+    return tree
+  return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
+
+
 def get_sparse_state(opt_state: Any) -> SparseState:
   """Returns the first :class:`SparseState` found inside ``opt_state``.
+
+  The state of an ``nnx.Optimizer`` (``optimizer.opt_state``) holds its
+  arrays in ``nnx.Variable`` wrappers (``OptArray``); they are unwrapped, so
+  the returned state (its masks, its counters) holds plain arrays and its
+  paths have no trailing ``value``.
 
   Raises:
     ValueError: if ``opt_state`` contains none.
@@ -728,7 +742,7 @@ def get_sparse_state(opt_state: Any) -> SparseState:
   if not found:
     raise ValueError(f"no SparseState (static_sparse/set_sparse/rigl) in opt_state of type "
                      f"{type(opt_state).__name__}")
-  return found[0]
+  return _unwrap_variables(found[0])
 
 
 def get_masks(opt_state: Any) -> Any:
@@ -739,7 +753,8 @@ def get_masks(opt_state: Any) -> Any:
 def sparse_stats(opt_state: Any) -> dict[str, jax.Array]:
   """Scalar statistics of the mask dynamics (jittable).
 
-  A leaf counts as sparse when its mask has at least one zero.
+  A leaf counts as sparse when its mask has at least one zero. Works on an
+  ``nnx.Optimizer``'s ``opt_state`` too; the values are plain arrays either way.
 
   Returns:
     ``density`` (nonzeros / weights over all leaves), ``sparse_density`` (the
