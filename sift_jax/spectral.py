@@ -372,6 +372,46 @@ def _nan_mean(values: Sequence[float]) -> float:
   return float(np.mean(finite)) if finite else math.nan
 
 
+def _is_array_like(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _check_tree(tree: Any, name: str) -> dict[str, Any]:
+  """The leaves of ``params``/``masks`` by path; a tree without arrays raises, naming it."""
+  if _is_array_like(tree) or isinstance(tree, (str, bytes, int, float, bool)):
+    raise TypeError(f"model_metrics(): {name} must be a pytree of arrays (a dict, Linen params "
+                    f"or nnx.State), got {type(tree).__name__}")
+  leaves = {p: l for p, l in _leaves_by_path(tree).items() if l is not None}
+  bad = {p: type(l).__name__ for p, l in leaves.items() if not _is_array_like(l)}
+  if not leaves or bad:
+    raise TypeError(f"model_metrics(): {name} must be a pytree of arrays, got "
+                    f"{type(tree).__name__} with " + (f"non-array leaves {bad}" if bad else
+                                                      "no array leaves"))
+  return leaves
+
+
+def _check_params(params: Any) -> dict[str, Any]:
+  leaves = _check_tree(params, "params")
+  booleans = [p for p, l in leaves.items() if np.dtype(l.dtype) == np.bool_]
+  if booleans:
+    raise ValueError(f"model_metrics(): params holds boolean leaves {booleans[:3]}, which look "
+                     "like masks: the arguments are model_metrics(params, masks)")
+  return leaves
+
+
+def _check_masks(masks: Any) -> dict[str, np.ndarray]:
+  """The mask leaves as numpy arrays; a leaf that is not 0/1 (a weight) raises, naming it."""
+  out = {}
+  for path, leaf in _check_tree(masks, "masks").items():
+    mask = _as_numpy(leaf, f"mask {path!r}")
+    if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
+      raise ValueError(f"model_metrics(): masks leaf {path!r} ({mask.dtype}) holds values other "
+                       "than 0 and 1, i.e. weights, not a mask: the arguments are "
+                       "model_metrics(params, masks)")
+    out[path] = mask
+  return out
+
+
 def model_metrics(
     params: Any,
     masks: Any,
@@ -408,10 +448,15 @@ def model_metrics(
     None``).
 
   Raises:
-    ValueError: when a masked path has no parameter in ``params``, or (naming the
-      path) when :func:`layer_metrics` rejects a layer.
+    TypeError: when ``params`` or ``masks`` is not a pytree of arrays (an
+      array, a number, a tree with no array leaf).
+    ValueError: when a masked path has no parameter in ``params``, when a mask
+      leaf holds values other than 0/1 or a parameter leaf is boolean (the
+      arguments swapped; the message names the leaf), or (naming the path)
+      when :func:`layer_metrics` rejects a layer.
   """
-  params_by_path = None if params is None else _leaves_by_path(params)
+  params_by_path = None if params is None else _check_params(params)
+  mask_leaves = _check_masks(masks)
   rules = list((FLAX_ATTENTION_OUTPUT_AXES if output_axes is None else output_axes).items())
   for pattern, _ in rules:
     try:
@@ -419,8 +464,7 @@ def model_metrics(
     except re.error as err:
       raise ValueError(f"output_axes: invalid regex {pattern!r}: {err}") from None
   layers: dict[str, dict[str, Any]] = {}
-  for path, mask in _leaves_by_path(masks).items():
-    mask = _as_numpy(mask, f"mask {path!r}")
+  for path, mask in mask_leaves.items():
     if mask.ndim < 2 or bool(np.all(mask)):
       continue
     weights = None
