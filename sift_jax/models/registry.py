@@ -25,6 +25,7 @@ from sift_jax.masks import selection, tree_paths
 from sift_jax.masks.densities import check_sparsity, layer_densities
 from sift_jax.models import gpt as gpt_lib
 from sift_jax.models import mnist1d as mnist1d_lib
+from sift_jax.models import mnist1d_nnx as mnist1d_nnx_lib
 from sift_jax.models import mobilenet as mobilenet_lib
 from sift_jax.models import resnet as resnet_lib
 from sift_jax.transformations import isoflop, members
@@ -277,6 +278,38 @@ def _mlp_build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: d
                 _mlp_dense_layers(cfg), {"hidden": list(widths)})
 
 
+def _mlp_nnx_build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
+  """The NNX MLP, converted to Linen and transformed by :func:`sift_jax.transform`.
+
+  The member replaces the layers that the policy makes sparse (``fc_{i}``;
+  under Sparse Wide every layer but ``head`` is widened), with the drop-in
+  transform's LayerNorms inside the members; ``doped_low_rank_init`` keeps
+  the transform's default.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sift_jax.transformations import nnx_bridge  # pylint: disable=g-import-not-at-top
+  from sift_jax.transformations.transform import transform  # pylint: disable=g-import-not-at-top
+  n_cls = 10 if num_classes is None else num_classes
+  hidden = tuple(int(h) for h in kw.get("hidden", (256, 256, 256)))
+  if len(hidden) < 2:
+    raise ValueError(f"mlp_nnx needs at least two hidden widths, got hidden={hidden}")
+  shape = (40,) if input_shape is None else tuple(input_shape)
+  in_features = 1
+  for d in shape:
+    in_features *= int(d)
+  model = mnist1d_nnx_lib.MLPNnx(in_features, hidden, n_cls, rngs=nnx.Rngs(0))
+  dense = _mlp_dense_layers(cfg)
+  module: nn.Module = nnx_bridge.as_linen(model, keep_values=False)
+  if cfg.member.transforms:
+    module = transform(module, family=cfg.family, sparsity=cfg.sparsity, reference=cfg.reference,
+                       round_to=cfg.round_to, factorized_mid=cfg.factorized_mid,
+                       parallel_norm=cfg.parallel_norm,
+                       policy=selection.SparsityPolicy(dense=dense), output_layers=("^head$",))
+  widths = [cfg.width(h, what=f"hidden width {i}") for i, h in enumerate(hidden)]
+  return _Built(module, shape, jnp.float32, "classification", n_cls, None, dense,
+                {"hidden": widths})
+
+
 def _signal_shape(input_shape: Optional[tuple[int, ...]]) -> tuple[int, int]:
   """``(length, channels)`` of the 1-D CNN: signals as they are, images scanned row by row."""
   if input_shape is None:
@@ -335,6 +368,7 @@ _MODELS: dict[str, _Entry] = {
     "gpt_tiny": _Entry(_gpt_builder(depth=2, width=64, heads=4, context=64, vocab=256), False,
                        ("context", "vocab_size"), "layer"),
     "mlp_mnist1d": _Entry(_mlp_build, False, ("hidden",)),
+    "mlp_nnx": _Entry(_mlp_nnx_build, False, ("hidden",), "layer"),
     "cnn_mnist1d": _Entry(_cnn_build, True, ("channels", "strides", "stem_width")),
 }
 
@@ -379,7 +413,8 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
       plain sum), ``doped_low_rank_init`` (``"step_matched"``, default, or
       ``"template"``: see :class:`sift_jax.transformations.FamilyConfig`) and
       model-specific options:
-      GPT ``context``, ``vocab_size``; ``mlp_mnist1d`` ``hidden``;
+      GPT ``context``, ``vocab_size``; ``mlp_mnist1d`` and ``mlp_nnx`` (the
+      same MLP written in Flax NNX, converted to Linen) ``hidden``;
       ``cnn_mnist1d`` ``channels``, ``strides``, ``stem_width``.
 
   Returns:

@@ -157,14 +157,25 @@ class _LinenLayer(nnx.Module):
 
 
 class _Skeleton:
-  """The NNX model with its layers replaced, held outside Flax's attribute handling."""
+  """The NNX model with its layers replaced, held outside Flax's attribute handling.
 
-  def __init__(self, module: nnx.Module, name: str):
+  Its repr names the model and its layers' shapes (the registry caches FLOP counts by repr).
+  """
+
+  def __init__(self, module: nnx.Module, name: str, layers: tuple[str, ...] = ()):
     self.module = module
     self.name = name
+    self.layers = layers
 
   def __repr__(self) -> str:
-    return self.name
+    return f"{self.name}({', '.join(self.layers)})" if self.layers else self.name
+
+
+def _describe(path: tuple[Any, ...], layer: Any) -> str:
+  shape = getattr(layer, "kernel_shape", None) or (
+      (layer.in_features, layer.out_features) if hasattr(layer, "out_features") else
+      getattr(layer, "num_features", getattr(layer, "rate", "")))
+  return f"{_layer_name(path)}={type(layer).__name__}{shape}"
 
 
 def _layer_name(path: tuple[Any, ...]) -> str:
@@ -203,7 +214,7 @@ def _skeleton(module: nnx.Module, keep_values: bool) -> _Skeleton:
         f"sift_jax converts ({', '.join('nnx.' + t.__name__ for t in NNX_LAYERS)}); "
         "a custom layer with variables of its own (or an nnx.Rngs kept on the model) cannot "
         "be converted")
-  return _Skeleton(copy, name)
+  return _Skeleton(copy, name, tuple(_describe(p, l) for p, l in found))
 
 
 class NnxAsLinen(nn.Module):
