@@ -222,19 +222,17 @@ def _count_nnx_macs(module: Any, inputs: Sequence[Any], call_kwargs: Mapping[str
   """MACs of ``module(*inputs, **call_kwargs)`` for an NNX module (its state is its variables)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  pure = params.to_pure_dict()
-  if not jax.tree.leaves(pure):
+  leaves, treedef = jax.tree.flatten(params)
+  if not leaves:
     raise ValueError(f"count_macs(): the NNX module {type(module).__name__} has no nnx.Param "
                      "(a TransformedNnxModel creates its parameters in lazy_init(x): call it first)")
-  pure, rest, inputs = _abstract(pure), _abstract(rest), _abstract(tuple(inputs))
+  leaves, rest, inputs = _abstract(leaves), _abstract(rest), _abstract(tuple(inputs))
 
-  def fn(pure, rest, *inputs):
-    state = nnx.State(params)  # a copy: the caller's state is left as it is
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state, rest)(*inputs, **call_kwargs)
+  def fn(leaves, rest, *inputs):
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)(*inputs, **call_kwargs)
 
-  closed = jax.make_jaxpr(fn)(pure, rest, *inputs)
-  paths = tree_paths.leaf_paths(pure)
+  closed = jax.make_jaxpr(fn)(leaves, rest, *inputs)
+  paths = tree_paths.leaf_paths(params)  # the trailing ``value`` of each Variable dropped
   n_params, n_rest = len(paths), len(jax.tree.leaves(rest))
   labels = ([_Label(False, frozenset([i])) for i in range(n_params)] + [_CONST] * n_rest)
   labels += [_DATA] * (len(closed.jaxpr.invars) - len(labels))
@@ -341,7 +339,7 @@ def trace_macs(module: Any, *inputs: Any, **init_kwargs: Any) -> MacTrace:
     graphdef, state = nnx.split(module)
     out = jax.eval_shape(lambda s, *x: nnx.merge(graphdef, s)(*x, **init_kwargs), state,
                          *_abstract(inputs))
-    params = _abstract(nnx.state(module, nnx.Param).to_pure_dict())
+    params = _abstract(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
     return MacTrace(macs, {"params": params}, out)
   inputs = _abstract(inputs)
 
