@@ -221,7 +221,7 @@ def _is_nnx(module: Any) -> bool:
 def _count_nnx_macs(module: Any, inputs: Sequence[Any], call_kwargs: Mapping[str, Any]) -> MacCount:
   """MACs of ``module(*inputs, **call_kwargs)`` for an NNX module (its state is its variables)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
     raise ValueError(f"count_macs(): the NNX module {type(module).__name__} has no nnx.Param "
