@@ -116,6 +116,29 @@ def test_transform_nnx_conv_net(family):
   assert _sparse_macs(model, x[:1], sol.solved_sparsity) == pytest.approx(base, rel=0.005)
 
 
+class DropoutMLP(nnx.Module):
+
+  def __init__(self, *, rngs):
+    self.stem = nnx.Linear(12, 16, rngs=rngs)
+    self.fc = nnx.Linear(16, 16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(16, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.drop(nnx.relu(self.fc(nnx.relu(self.stem(x))))))
+
+
+def test_transform_nnx_dropout_draws_from_the_dropout_stream():
+  model = sift_jax.transform(DropoutMLP(rngs=nnx.Rngs(0)), family="sparse_parallel",
+                             sparsity=0.5, policy=POLICY)
+  model.lazy_init(X)
+  a, b = model(X), model(X)  # the stream advances: new masks each call
+  assert a.shape == (4, 3) and not np.allclose(a, b)
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(model(X, rngs=nnx.Rngs(dropout=key)),
+                                model(X, rngs=nnx.Rngs(dropout=key)))
+
+
 def test_rigl_under_nnx_optimizer_keeps_masked_weights_zero_and_stats_are_plain(mlp):
   model = sift_jax.transform(mlp, family="sparse_factorized", sparsity=0.75, policy=POLICY)
   model.lazy_init(X)

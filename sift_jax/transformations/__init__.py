@@ -16,8 +16,8 @@ from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, che
                                             layer_dims, round_to_multiple, sparse_doped_rank,
                                             sparse_factorized_rank, sparse_parallel_branches,
                                             sparse_wide_factor, sparse_wide_width)
-from sift_jax.transformations.nnx_bridge import (NNX_LAYERS, NnxAsLinen, TransformedNnxModel, as_linen,
-                                                 transform_nnx)
+from sift_jax.transformations.nnx_bridge import (NNX_LAYERS, NnxAsLinen, NotAModuleError,
+                                                 TransformedNnxModel, as_linen, transform_nnx)
 from sift_jax.transformations.transform import TransformedModel, transform, transformed_policy
 
 __all__ = [
@@ -31,5 +31,5 @@ __all__ = [
     "round_to_multiple", "solve_sparsity", "sparse_doped_rank", "sparse_factorized_rank",
     "sparse_parallel_branches", "sparse_wide_factor", "sparse_wide_width", "template_dims",
     "transform", "transformed_policy", "widen",
-    "NNX_LAYERS", "NnxAsLinen", "TransformedNnxModel", "as_linen", "transform_nnx",
+    "NNX_LAYERS", "NnxAsLinen", "NotAModuleError", "TransformedNnxModel", "as_linen", "transform_nnx",
 ]

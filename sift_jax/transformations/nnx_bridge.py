@@ -35,8 +35,15 @@ import jax
 from sift_jax.masks import selection
 from sift_jax.transformations import isoflop
 
-__all__ = ["NNX_LAYERS", "NnxAsLinen", "TransformedNnxModel", "as_linen", "is_nnx_module",
-           "transform_nnx"]
+__all__ = ["NNX_LAYERS", "NnxAsLinen", "NotAModuleError", "TransformedNnxModel", "as_linen",
+           "is_nnx_module", "transform_nnx"]
+
+
+class NotAModuleError(TypeError, ValueError):
+  """A model argument that is neither a Linen nor an NNX module.
+
+  A ``TypeError``; also a ``ValueError``, which ``transform`` raised before it took NNX models.
+  """
 
 
 def is_nnx_module(obj: Any) -> bool:
@@ -314,7 +321,8 @@ def transform_nnx(model: nnx.Module, *, rngs: Any = None, **transform_kwargs: An
   Args:
     model: An ``nnx.Module``.
     rngs: ``nnx.Rngs`` (or a key) for the parameter initialisation and
-      dropout; default ``nnx.Rngs(0)``.
+      dropout; default ``nnx.Rngs(params=0, dropout=1)``. A call can pass its
+      own: ``model(x, rngs=nnx.Rngs(dropout=key))``.
     **transform_kwargs: The keyword arguments of :func:`sift_jax.transform`.
 
   Returns:
@@ -323,4 +331,5 @@ def transform_nnx(model: nnx.Module, *, rngs: Any = None, **transform_kwargs: An
   # transform.py imports this module; its `transform` dispatches NNX models here.
   from sift_jax.transformations.transform import transform  # pylint: disable=g-import-not-at-top
   linen = transform(as_linen(model, keep_values=False), **transform_kwargs)
-  return TransformedNnxModel(linen, model, nnx.Rngs(0) if rngs is None else rngs)
+  rngs = nnx.Rngs(params=0, dropout=1) if rngs is None else rngs
+  return TransformedNnxModel(linen, model, rngs)

@@ -535,7 +535,8 @@ def transform(model: Any, *, family: str, sparsity: float,
     A :class:`TransformedModel` (a :class:`TransformedNnxModel` for an NNX model).
 
   Raises:
-    TypeError: if ``model`` is neither a Linen nor an NNX module.
+    TypeError: if ``model`` is neither a Linen nor an NNX module
+      (:class:`NotAModuleError`, also a ValueError).
     ValueError: for an unknown family, a sparsity outside [0, 1), a nonzero
       sparsity with ``family="dense"`` (nothing would use it), invalid regexes or a non-callable
       ``parallel_activation``. A model in which nothing gets transformed, or
@@ -549,8 +550,8 @@ def transform(model: Any, *, family: str, sparsity: float,
         factorized_mid=factorized_mid, parallel_norm=parallel_norm,
         parallel_activation=parallel_activation)
   if not isinstance(model, nn.Module):
-    raise TypeError(f"transform() expects a flax.nnx Module or a flax.linen Module, got "
-                    f"{type(model).__name__}")
+    raise nnx_bridge.NotAModuleError(f"transform() expects a flax.nnx Module or a flax.linen "
+                                     f"Module, got {type(model).__name__}")
   if parallel_activation is not None and not callable(parallel_activation):
     raise ValueError(f"transform(): parallel_activation must be callable or None, got "
                      f"{parallel_activation!r}")
