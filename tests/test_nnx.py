@@ -94,6 +94,16 @@ def test_transform_nnx_mlp_is_an_nnx_module_with_the_outputs_and_iso_flop(mlp, f
   assert sol.base_dense_macs == base
   assert sol.within_tolerance
   assert _sparse_macs(model, x1, sol.solved_sparsity) == pytest.approx(base, rel=0.005)
+  # The solve and the FLOP report from count_macs on the NNX model and its nnx.State agree.
+  state = nnx.state(model, nnx.Param)
+  macs = flops.count_macs(model, x1)
+  method = sift_jax.transformations.get_member(family).solve_method(False)
+  again = sift_jax.solve_sparsity(macs, state, model.sparsity_policy(), base_dense_macs=base,
+                                  nominal_sparsity=0.75, method=method)
+  assert again.solved_sparsity == sol.solved_sparsity
+  densities = sift_jax.layer_densities(state, sol.solved_sparsity, policy=model.sparsity_policy())
+  report = flops.flops_report(macs, state, densities=densities)
+  assert report.sparse_macs == pytest.approx(_sparse_macs(model, x1, sol.solved_sparsity))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if family == "sparse_wide":  # fc widened, the LayerNorm after it follows, head keeps 3 outputs
     assert params["fc"]["kernel"].shape[1] == params["norm"]["scale"].shape[0] == 32

@@ -32,7 +32,7 @@ import flax.linen as nn
 from flax import nnx
 import jax
 
-from sift_jax.masks import selection
+from sift_jax.masks import selection, tree_paths
 from sift_jax.transformations import isoflop
 
 __all__ = ["NNX_LAYERS", "NnxAsLinen", "NotAModuleError", "TransformedNnxModel", "as_linen",
@@ -214,7 +214,6 @@ def _skeleton(module: nnx.Module, keep_values: bool) -> _Skeleton:
   left = nnx.state(copy)
   leaves, _ = jax.tree_util.tree_flatten_with_path(left, is_leaf=lambda v: isinstance(v, nnx.Variable))
   for key_path, leaf in leaves:
-    from sift_jax.masks import tree_paths  # pylint: disable=g-import-not-at-top
     where = tree_paths.path_str(key_path)
     raise ValueError(
         f"as_linen(): {name} holds a {type(leaf).__name__} at {where!r} outside the layers "
