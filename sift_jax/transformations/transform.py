@@ -59,6 +59,7 @@ from sift_jax.masks import selection
 from sift_jax.transformations import isoflop
 from sift_jax.transformations import layers as layers_lib
 from sift_jax.transformations import members as members_lib
+from sift_jax.transformations import wide_analysis
 from sift_jax.transformations.family import FamilyConfig
 
 __all__ = ["transform", "TransformedModel", "transformed_policy"]
@@ -68,6 +69,7 @@ class _State(threading.local):
 
   def __init__(self):
     self.depth = 0  # > 0 while a replacement runs: its own sub-layers are not transformed
+    self.recorded: Optional[tuple[list[str], Any]] = None  # set while the Sparse Wide plan probes
 
 
 _STATE = _State()
@@ -78,6 +80,7 @@ class _ModelRef:
 
   def __init__(self, module: nn.Module):
     self.module = module
+    self.plans: dict[Any, Any] = {}  # Sparse Wide plans by input signature (TransformedModel._plan)
 
   def __repr__(self) -> str:
     return f"{type(self.module).__name__}"
@@ -295,6 +298,8 @@ class TransformedModel(nn.Module):
   @nn.nowrap
   def _record(self, args: tuple, kwargs: dict) -> tuple[list[str], Any]:
     """Traces the original model abstractly: its layer call order and output shapes."""
+    if _STATE.recorded is not None:  # a probe of the Sparse Wide plan: the caller traced it
+      return _STATE.recorded
     calls: list[str] = []
     model = self.wrapped.module
 
@@ -326,7 +331,7 @@ class TransformedModel(nn.Module):
         raise ValueError(f"transform(): {self.wrapped!r} calls no transformable nn.Dense, "
                          "nn.DenseGeneral or nn.Conv layer; nothing to transform")
       if output_layers is None:
-        output_layers = ("^" + re.escape(calls[-1]) + "$",)
+        output_layers = self._plan(args, kwargs, calls, expected).output_layers
     interceptor = _Interceptor(self, root, output_layers or ())
     try:
       with nn.intercept_methods(interceptor):
@@ -349,6 +354,66 @@ class TransformedModel(nn.Module):
     if expected is not None:
       self._check_output(out, expected, interceptor)
     return out
+
+  @nn.nowrap
+  def _plan(self, args: tuple, kwargs: dict, calls: list[str], expected: Any
+            ) -> wide_analysis.WidePlan:
+    """The Sparse Wide plan for these input shapes (cached on the wrapped model)."""
+    arrays, rebuild = _split_static((args, kwargs))
+    statics = [repr(l) for l in jax.tree.leaves((args, kwargs)) if not hasattr(l, "shape")]
+    key = (repr(jax.tree.structure((args, kwargs))), tuple((a.shape, str(a.dtype)) for a in arrays),
+           tuple(statics), self.config, repr(self.policy), self.layers)
+    cache = self.wrapped.plans
+    if key in cache:
+      return cache[key]
+    candidates = _unique(calls)
+    if self.layers is not None:
+      candidates = [p for p in candidates if any(re.search(r, p) for r in self.layers)]
+    prober = self.clone(parent=None)
+
+    def probe(widened: frozenset) -> Optional[str]:
+      keep = wide_analysis.exact_output_layers([p for p in _unique(calls) if p not in widened])
+      model = prober.clone(output_layers=keep)
+
+      def run(*traced):
+        a, k = rebuild(traced)
+        return model.init_with_output(_init_rngs(), *a, **k)[0]
+
+      outer, _STATE.recorded = _STATE.recorded, (calls, expected)
+      try:
+        jax.eval_shape(run, *arrays)
+      except Exception as e:  # pylint: disable=broad-except
+        # The original traced: whatever fails now, widening these layers made it fail.
+        return f"{type(e).__name__}: {e}"
+      finally:
+        _STATE.recorded = outer
+      return None
+
+    plan = wide_analysis.plan_sparse_wide(candidates, probe, what=repr(self.wrapped))
+    cache[key] = plan
+    return plan
+
+  @nn.nowrap
+  def wide_plan(self, *inputs: Any, **kwargs: Any) -> wide_analysis.WidePlan:
+    """Sparse Wide: which layers are widened and which keep their width, for these inputs.
+
+    With ``output_layers=None`` this is the plan :meth:`__call__` applies
+    (:func:`sift_jax.transformations.plan_sparse_wide`); with explicit
+    ``output_layers`` the analysis runs all the same, for comparison.
+
+    Raises:
+      ValueError: if the family does not widen.
+      WideAnalysisError: where the analysis cannot decide (the message lists
+        the ``output_layers=`` to pass).
+    """
+    if not self.config.member.widens:
+      raise ValueError(f"wide_plan(): family {self.config.family!r} does not widen layers")
+    unbound = self.clone(parent=None)
+    calls, expected = unbound._record(inputs, kwargs)
+    if not calls:
+      raise ValueError(f"transform(): {self.wrapped!r} calls no transformable nn.Dense, "
+                       "nn.DenseGeneral or nn.Conv layer; nothing to transform")
+    return unbound._plan(inputs, kwargs, calls, expected)
 
   @nn.nowrap
   def _check_output(self, out: Any, expected: Any, interceptor: _Interceptor) -> None:
