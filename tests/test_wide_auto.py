@@ -224,3 +224,21 @@ def test_plan_logic_on_a_recorded_probe():
   with pytest.raises(WideAnalysisError, match=r"cannot widen any layer of the model.*'attn/q': "
                      r"no.*output_layers=\('\^attn/q\$', '\^fc1\$'\), widens nothing"):
     plan_sparse_wide(["attn/q", "fc1"], lambda w: "no")
+
+
+class FlatResidual(nn.Module):
+  """A residual stream whose writers are siblings: embed and fc2 could widen only with the stream."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(D, name="embed")(x)
+    x = x + nn.Dense(D, name="fc2")(nn.relu(nn.Dense(2 * D, name="fc1")(x)))
+    return nn.Dense(3, name="head")(x)
+
+
+def test_sibling_writers_of_a_residual_stream_keep_their_width():
+  sift = transform(FlatResidual(), family="sparse_wide", sparsity=0.5)
+  plan = sift.wide_plan(jnp.ones((2, 5)))
+  # (embed, fc2) together would build, widening the stream: fc2 reads embed's output through fc1.
+  assert plan.widened == ("fc1",) and plan.kept == ("embed", "fc2", "head")
+  assert "add got incompatible shapes" in dict(plan.reasons)["embed"]

@@ -25,9 +25,16 @@ Which layers are transformed:
 * for Sparse Wide, every layer: each one's output features grow by
   ``k_sw = sqrt(1/d)`` except the ``output_layers``, and inputs follow
   because Flax creates kernels from the input shape. Without
-  ``output_layers`` the last layer called is the output layer; a model with
-  residual streams (a transformer block) must name the layers that write into
-  them. Whatever ``output_layers`` say, the transformed model's output shapes
+  ``output_layers`` the layers that must keep their width are found from the
+  model (:mod:`sift_jax.transformations.wide_analysis`): the model is traced
+  abstractly with candidate layers widened, and a layer (or a group of sibling
+  layers, such as attention's query and key) is widened only if the model then
+  builds with its original output shapes. Residual-stream writers, the layers
+  that write the output and layers feeding a fixed-size reshape or parameter
+  keep their width; :meth:`TransformedModel.wide_plan` shows the plan, and a
+  model where the analysis cannot decide raises
+  :class:`~sift_jax.transformations.WideAnalysisError` listing the
+  ``output_layers=`` to pass. Whatever ``output_layers`` say, the transformed model's output shapes
   are checked against the original's on every trace, and a change raises a
   ValueError naming the widened layers that write the output. A layer whose
   weights are shared by several calls cannot be widened (its calls would see
@@ -255,6 +262,13 @@ class _Interceptor:
       raise
 
 
+def _marker(t: Any) -> Any:
+  return t
+
+
+_marker.__name__ = wide_analysis.MARKER_NAME
+
+
 def _split_static(tree: Any) -> tuple[list[Any], Any]:
   """Splits a pytree into array leaves (traced) and a rebuild function."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -286,7 +300,7 @@ class TransformedModel(nn.Module):
     policy: The user's mask policy of the original model (selects layers).
     layers: Optional regexes selecting the layers to transform.
     output_layers: Sparse Wide: layers whose output width is kept; ``None``
-      picks the last layer called.
+      uses the plan of :meth:`wide_plan`.
   """
 
   wrapped: _ModelRef
@@ -389,9 +403,46 @@ class TransformedModel(nn.Module):
         _STATE.recorded = outer
       return None
 
-    plan = wide_analysis.plan_sparse_wide(candidates, probe, what=repr(self.wrapped))
+    plan = wide_analysis.plan_sparse_wide(candidates, probe, what=repr(self.wrapped),
+                                          links=self._stream_links(arrays, rebuild))
     cache[key] = plan
     return plan
+
+  @nn.nowrap
+  def _stream_links(self, arrays: list[Any], rebuild: Callable[[Any], Any]) -> frozenset:
+    """Traces the original model with its layer inputs and outputs marked; see ``stream_links``."""
+    events: list[tuple[str, str]] = []
+    mark = jax.jit(_marker)
+
+    def marker(next_fun, a, k, context):
+      module = context.module
+      if (context.method_name != "__call__" or _STATE.depth or module.scope is None
+          or not _transformable(module)):
+        return next_fun(*a, **k)
+      x = _layer_input(module, a, k)
+      if x is None or not hasattr(x, "shape"):
+        return next_fun(*a, **k)
+      path = "/".join(module.scope.path)
+      events.append(("in", path))
+      if a:
+        a = (mark(x),) + tuple(a[1:])
+      else:
+        cls: type = type(module)  # as `type`: see _layer_input
+        k = dict(k, **{_input_name(cls) or "inputs": mark(x)})
+      y = next_fun(*a, **k)
+      events.append(("out", path))
+      return mark(y)
+
+    def run(*traced):
+      a, k = rebuild(traced)
+      with nn.intercept_methods(marker):
+        return self.wrapped.module.init_with_output(_init_rngs(), *a, **k)[0]
+
+    try:
+      jaxpr = jax.make_jaxpr(run)(*arrays)
+    except Exception:  # pylint: disable=broad-except
+      return frozenset()  # no links known: the probes alone decide
+    return wide_analysis.stream_links(jaxpr, events)
 
   @nn.nowrap
   def wide_plan(self, *inputs: Any, **kwargs: Any) -> wide_analysis.WidePlan:
@@ -552,7 +603,8 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
       and, via :meth:`TransformedModel.sparsity_policy`, the masks.
     layers: Regexes on layer paths selecting the layers to transform.
     output_layers: Sparse Wide: regexes of layers whose output width is kept
-      (model outputs, residual-stream writers). ``None``: the last layer called.
+      (model outputs, residual-stream writers). ``None``: found from the model
+      (:meth:`TransformedModel.wide_plan`); given, they win over the plan.
     reference: The reference's size, masking and re-fit rules (see above).
     round_to: Widths and ranks are rounded to the nearest multiple of this,
       and to at least one multiple.
@@ -576,7 +628,9 @@ def transform(model: nn.Module, *, family: str, sparsity: float,
       is not a Linen module, invalid regexes or a non-callable
       ``parallel_activation``. A model in which nothing gets transformed, or
       whose output shape Sparse Wide would change, raises when it is first
-      traced (``init``/``apply``).
+      traced (``init``/``apply``); so does
+      :class:`~sift_jax.transformations.WideAnalysisError` (a ValueError) for a
+      model whose Sparse Wide plan cannot be decided.
   """
   if not isinstance(model, nn.Module):
     raise ValueError(f"transform() expects a flax.linen Module, got {type(model).__name__}")

@@ -21,6 +21,9 @@ always builds. The candidates are, in call order:
 2. for the layers that fail on their own, pairs of sibling layers (same
    parent module), then all the remaining failing siblings together: the
    query and key projections of an attention, the two halves of a gated MLP.
+   A group is not tried if one member reads, through other layers only, what
+   another member writes (:func:`stream_links`): that pair shares a residual
+   stream and could only widen by widening the stream.
 
 Layers in no accepted group keep their output width: the residual-stream
 writers (attention output, MLP output, a patch embedding), the layers that
@@ -45,9 +48,12 @@ References:
 from __future__ import annotations
 
 import re
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-__all__ = ["WideAnalysisError", "WidePlan", "plan_sparse_wide", "exact_output_layers"]
+from jax.extend import core as jax_core
+
+__all__ = ["WideAnalysisError", "WidePlan", "plan_sparse_wide", "exact_output_layers",
+           "stream_links", "MARKER_NAME"]
 
 #: A probe: the layer paths to widen (every other layer keeps its width) ->
 #: None if the model builds with its original output shapes, else why not.
@@ -101,7 +107,65 @@ def _suggestion(paths: Sequence[str], widened: Sequence[str]) -> str:
   return f"output_layers={exact_output_layers(kept)!r} (widens {list(widened)})"
 
 
-def plan_sparse_wide(paths: Sequence[str], probe: Probe, *, what: str = "the model") -> WidePlan:
+#: Name of the identity the dependency trace wraps layer inputs and outputs in.
+MARKER_NAME = "_sift_wide_marker"
+
+
+def stream_links(jaxpr: Any, events: Sequence[tuple[str, str]]) -> frozenset:
+  """Pairs ``(a, b)`` where layer ``b``'s input depends on layer ``a``'s output only via layers.
+
+  ``jaxpr`` is a ``ClosedJaxpr`` of the model in which every top-level layer
+  call's input and output went through a ``jax.jit`` identity named
+  :data:`MARKER_NAME`; ``events`` lists those calls in order, as
+  ``("in" | "out", path)``. A width flows from ``a`` to ``b`` without a layer
+  in between (``b`` follows ``a``'s width, as a weight-shared layer after a
+  stem does) or only through other layers (``a`` writes a stream that those
+  layers read and whose result ``b`` writes back: a residual stream). The
+  second kind is returned: such a pair may widen together only by widening
+  the stream, which the plan never does.
+  """
+  eqns = list(jaxpr.jaxpr.eqns)
+  markers = [e for e in eqns if e.primitive.name in ("jit", "pjit")
+             and e.params.get("name") == MARKER_NAME]
+  if len(markers) != len(events):  # layers inside nested transforms: no links known
+    return frozenset()
+  marker_event = {id(e): ev for e, ev in zip(markers, events)}
+  consumers: dict[Any, list[Any]] = {}
+  for e in eqns:
+    for v in e.invars:
+      if isinstance(v, jax_core.Var):  # not a Literal
+        consumers.setdefault(v, []).append(e)
+
+  def reached(start: Any, stop_at_inputs: bool) -> set[str]:
+    """Layer paths whose input is reached from the output marker ``start``."""
+    seen, found, stack = {id(start)}, set(), [start]
+    while stack:
+      e = stack.pop()
+      for v in e.outvars:
+        for c in consumers.get(v, ()):
+          if id(c) in seen:
+            continue
+          seen.add(id(c))
+          ev = marker_event.get(id(c))
+          if ev is not None and ev[0] == "in":
+            found.add(ev[1])
+            if stop_at_inputs:
+              continue
+          stack.append(c)
+    return found
+
+  links = set()
+  for e, (kind, path) in zip(markers, events):
+    if kind != "out":
+      continue
+    direct = reached(e, True)
+    for other in reached(e, False) - direct - {path}:
+      links.add((path, other))
+  return frozenset(links)
+
+
+def plan_sparse_wide(paths: Sequence[str], probe: Probe, *, what: str = "the model",
+                     links: frozenset = frozenset()) -> WidePlan:
   """Decides which of ``paths`` Sparse Wide widens, by probing (see the module docstring).
 
   Args:
@@ -109,6 +173,8 @@ def plan_sparse_wide(paths: Sequence[str], probe: Probe, *, what: str = "the mod
     probe: Builds the model abstractly with the given paths widened and every
       other layer kept; returns None on success, else the reason.
     what: The model, for error messages.
+    links: Pairs ``(a, b)`` of :func:`stream_links`: a group holding both is
+      not accepted (it would widen a residual stream).
 
   Returns:
     A :class:`WidePlan` whose union of groups has been probed successfully.
@@ -119,6 +185,7 @@ def plan_sparse_wide(paths: Sequence[str], probe: Probe, *, what: str = "the mod
       ``output_layers=`` to pass.
   """
   paths = list(dict.fromkeys(paths))
+  streams = lambda group: any((a, b) in links for a in group for b in group)
   groups: list[tuple[str, ...]] = []
   reasons: dict[str, str] = {}
   for p in paths:
@@ -137,14 +204,14 @@ def plan_sparse_wide(paths: Sequence[str], probe: Probe, *, what: str = "the mod
       paired = False
       for j in range(i + 1, len(left)):
         pair = (left[i], left[j])
-        if probe(frozenset(pair)) is None:
+        if not streams(pair) and probe(frozenset(pair)) is None:
           groups.append(pair)
           left = [q for q in left if q not in pair]
           paired = True
           break
       if not paired:
         i += 1
-    if len(left) >= 3 and probe(frozenset(left)) is None:
+    if len(left) >= 3 and not streams(left) and probe(frozenset(left)) is None:
       groups.append(tuple(left))
   order = {p: n for n, p in enumerate(paths)}
   groups.sort(key=lambda g: min(order[p] for p in g))
