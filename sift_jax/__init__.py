@@ -24,7 +24,7 @@ from sift_jax.masks import (DISTRIBUTIONS, SparsityPolicy, apply_masks, explain_
 from sift_jax.models import ModelSpec, get_model, list_models
 from sift_jax.transformations import (FAMILIES, IsoFlopToleranceWarning, SparseDoped, SparseFactorized,
                                       SparseParallel, TransformedModel, solve_sparsity, transform,
-                                      transformed_policy)
+                                      transformed_policy, WideAnalysisError)
 from sift_jax import inference
 from sift_jax.inference import CompressedModel, FoldError, compress, fold
 from sift_jax.inference.export import export_model, export_run
@@ -53,7 +53,7 @@ def __getattr__(name):
 
 __all__ = [
     "FAMILIES", "IsoFlopToleranceWarning", "ModelSpec", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",
-    "flops", "get_model", "list_models", "models", "solve_sparsity", "transform", "transformations",
+    "flops", "get_model", "list_models", "models", "solve_sparsity", "transform", "transformations", "WideAnalysisError",
     "transformed_policy",
     "DISTRIBUTIONS", "SparseState", "SparseStats", "SparsityPolicy", "apply_masks",
     "explain_selection", "get_masks", "get_sparse_state", "init_masks", "layer_densities",

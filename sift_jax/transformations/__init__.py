@@ -17,6 +17,8 @@ from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, che
                                             sparse_factorized_rank, sparse_parallel_branches,
                                             sparse_wide_factor, sparse_wide_width)
 from sift_jax.transformations.transform import TransformedModel, transform, transformed_policy
+from sift_jax.transformations.wide_analysis import (WideAnalysisError, WidePlan,
+                                                    exact_output_layers, plan_sparse_wide)
 
 __all__ = [
     "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "BranchOverlap", "DOPED_DENSE_PARTS",
@@ -29,4 +31,5 @@ __all__ = [
     "round_to_multiple", "solve_sparsity", "sparse_doped_rank", "sparse_factorized_rank",
     "sparse_parallel_branches", "sparse_wide_factor", "sparse_wide_width", "template_dims",
     "transform", "transformed_policy", "widen",
+    "WideAnalysisError", "WidePlan", "exact_output_layers", "plan_sparse_wide",
 ]
