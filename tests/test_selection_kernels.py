@@ -281,3 +281,17 @@ def test_policy_copies_and_transformed_policy_carry_the_stacked_axes():
   assert policy.with_dense("^head/").stacked == (("blocks", 1),)
   assert sift_jax.transformed_policy(policy, "sparse_doped").stacked == (("blocks", 1),)
   assert hash(policy) == hash(sift_jax.SparsityPolicy(stacked={"blocks": 1}))
+
+
+def test_transformed_scanned_model_detects_its_stacked_leaves(scanned):
+  _, policy = scanned
+  sift = sift_jax.transform(_ScannedMLP(), family="sparse_factorized", sparsity=0.5,
+                            policy=policy.with_dense("^inp/", "^head/"))
+  params = jax.eval_shape(lambda: sift.init(jax.random.key(0), jnp.ones((1, 4))))["params"]
+  assert params["blocks"]["fc"]["U"]["kernel"].shape == (LAYERS, D, D)  # transformed in the scan
+  decided = {d.path: d for d in M.explain_selection(params, sift.sparsity_policy(X))}
+  assert decided["blocks/fc/U/kernel"].sparse and decided["blocks/fc/U/kernel"].stacked == 1
+  assert decided["blocks/fc/V/kernel"].sparse and decided["blocks/fc/V/kernel"].stacked == 1
+  assert not decided["blocks/fc/V/bias"].sparse and not decided["inp/kernel"].sparse
+  # Without inputs only the user's rules carry over: the base model's exact paths.
+  assert sift.sparsity_policy().stacked == policy.stacked
