@@ -50,6 +50,7 @@ collection (``batch_stats``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -201,6 +202,9 @@ class _Interceptor:
     if self.config.member.widens:
       return True
     policy = self.owner.policy if self.owner.policy is not None else selection.SparsityPolicy()
+    # A layer called inside nn.scan/nn.vmap sees one slice of its stacked kernel,
+    # so the stacked rules (about the stack's leading axes) do not apply here.
+    policy = dataclasses.replace(policy, stacked=())
     return policy.decide(f"{path}/kernel", _kernel_struct(module, x)).sparse
 
   def _shape_error(self, path: str, e: Exception) -> ValueError:
@@ -495,9 +499,19 @@ class TransformedModel(nn.Module):
         f"{which} (output_layers={self.output_layers!r})")
 
   @nn.nowrap
-  def sparsity_policy(self) -> selection.SparsityPolicy:
-    """The :class:`SparsityPolicy` of the transformed parameters (see :func:`transformed_policy`)."""
-    return transformed_policy(self.policy, self.config.family, self.config.reference)
+  def sparsity_policy(self, *example_inputs: Any, **apply_kwargs: Any) -> selection.SparsityPolicy:
+    """The :class:`SparsityPolicy` of the transformed parameters (see :func:`transformed_policy`).
+
+    The user's ``stacked=`` rules carry over. Exact paths of the original
+    model's stacked leaves (``with_stacked(detect_stacked(model, x))``) do not
+    name the transformed leaves (``blocks/fc/kernel`` becomes
+    ``blocks/fc/U/kernel``): given example inputs, the stacked leaves of the
+    transformed model are detected (:func:`sift_jax.detect_stacked`) and added.
+    """
+    policy = transformed_policy(self.policy, self.config.family, self.config.reference)
+    if example_inputs:
+      policy = policy.with_stacked(selection.detect_stacked(self, *example_inputs, **apply_kwargs))
+    return policy
 
   @nn.nowrap
   def base_model(self) -> nn.Module:
@@ -537,7 +551,8 @@ class TransformedModel(nn.Module):
     base_macs = _macs_at_init(base, inputs, apply_kwargs)[0].total
     macs, variables = _macs_at_init(self, inputs, apply_kwargs)
     method = cfg.member.solve_method(cfg.reference)
-    return isoflop.solve_sparsity(macs, variables["params"], self.sparsity_policy(),
+    kwargs = {k: v for k, v in apply_kwargs.items() if k not in ("mutable", "rngs")}
+    return isoflop.solve_sparsity(macs, variables["params"], self.sparsity_policy(*inputs, **kwargs),
                                   base_dense_macs=base_macs, nominal_sparsity=cfg.sparsity,
                                   method=method, what=f"transformed {self.wrapped!r}")
 
