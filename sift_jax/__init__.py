@@ -19,12 +19,13 @@ from sift_jax import optim
 from sift_jax import sharding
 from sift_jax import spectral
 from sift_jax import transformations
-from sift_jax.masks import (DISTRIBUTIONS, SparsityPolicy, apply_masks, explain_selection, init_masks,
-                            layer_densities, mask_stats, path_str, select_sparse, target_count)
+from sift_jax.masks import (DISTRIBUTIONS, NON_WEIGHT_NAMES, SparsityPolicy, apply_masks, detect_stacked,
+                            explain_selection, init_masks, layer_densities, mask_stats, path_str,
+                            select_sparse, stacked_axes, target_count)
 from sift_jax.models import ModelSpec, get_model, list_models
 from sift_jax.transformations import (FAMILIES, IsoFlopToleranceWarning, SparseDoped, SparseFactorized,
                                       SparseParallel, TransformedModel, solve_sparsity, transform,
-                                      transformed_policy)
+                                      transformed_policy, WideAnalysisError)
 from sift_jax import inference
 from sift_jax.inference import CompressedModel, FoldError, compress, fold
 from sift_jax.inference.export import export_model, export_run
@@ -53,7 +54,7 @@ def __getattr__(name):
 
 __all__ = [
     "FAMILIES", "IsoFlopToleranceWarning", "ModelSpec", "SparseDoped", "SparseFactorized", "SparseParallel", "TransformedModel",
-    "flops", "get_model", "list_models", "models", "solve_sparsity", "transform", "transformations",
+    "flops", "get_model", "list_models", "models", "solve_sparsity", "transform", "transformations", "WideAnalysisError",
     "transformed_policy",
     "DISTRIBUTIONS", "SparseState", "SparseStats", "SparsityPolicy", "apply_masks",
     "explain_selection", "get_masks", "get_sparse_state", "init_masks", "layer_densities",
@@ -61,5 +62,5 @@ __all__ = [
     "sparse_stats", "spectral", "static_sparse", "target_count", "data",
     "CompressedModel", "FoldError", "compress", "export_model", "export_run", "fold", "inference",
     "dynamic_sparse", "gradual_magnitude_pruning", "magnitude_masks", "oneshot_magnitude_pruning",
-    "parallel_branch_groups",
+    "parallel_branch_groups", "NON_WEIGHT_NAMES", "detect_stacked", "stacked_axes",
 ]

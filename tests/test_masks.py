@@ -67,8 +67,8 @@ def test_policy_rules_and_order():
   decided = {d.path: (d.sparse, d.rule) for d in M.explain_selection(params, policy)}
   assert decided["stem/kernel"] == (False, "dense:^stem/")
   assert decided["head/kernel"] == (False, "dense:^head/")
-  assert decided["block/kernel"] == (True, "default:ndim>=2")
-  assert decided["block/scale"] == (False, "ndim<2")
+  assert decided["block/kernel"] == (True, "weight:kernel")
+  assert decided["block/scale"] == (False, "non-weight:scale")
   only_head = sift_jax.SparsityPolicy(sparse=("head",))
   assert [d.path for d in M.explain_selection(params, only_head) if d.sparse] == ["head/kernel"]
   # A callable decides first, even against a dense regex.

@@ -402,10 +402,14 @@ def test_doped_policy_keeps_low_rank_dense_unless_reference():
   assert ref.solve(X_USER[:1]).method == "nominal"
 
 
-def test_wide_without_output_layers_on_residual_model_raises():
-  sift = transform(TransformerBlock(), family="sparse_wide", sparsity=0.5)
-  with pytest.raises(ValueError, match="failed under Sparse Wide.*output_layers"):
-    jax.eval_shape(sift.init, jax.random.key(0), X_SEQ)
+def test_wide_without_output_layers_on_residual_model_keeps_the_residual_writers():
+  # The plan (sift_jax.transformations.wide_analysis) finds the residual writers attn/out and fc2.
+  auto = transform(TransformerBlock(), family="sparse_wide", sparsity=0.5)
+  named = transform(TransformerBlock(), family="sparse_wide", sparsity=0.5,
+                    output_layers=("attn/out", "fc2"))
+  shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(m.init, jax.random.key(0), X_SEQ))
+  assert shapes(auto) == shapes(named)
+  assert auto.wide_plan(X_SEQ).kept == ("attn/out", "fc2")
 
 
 def test_transform_bad_input():

@@ -55,6 +55,12 @@ def layer_densities(params: Any, sparsity: float, *, distribution: str = "unifor
   Leaves matched by ``policy.densities`` overrides keep their given density and
   are left out of the ERK budget (the budget covers the remaining sparse leaves).
 
+  A leaf stacked by ``policy.stacked`` (``nn.scan``/``nn.vmap`` layers) counts
+  as one layer per slice: its raw score is that of the slice shape, and its
+  weights enter the budget once per slice. All slices share one shape, so
+  they share one density, returned once for the leaf; it equals the density
+  every layer of the unstacked model gets.
+
   Args:
     params: Parameter pytree; arrays or ``jax.ShapeDtypeStruct`` leaves.
     sparsity: Target fraction of zeros in [0, 1).
@@ -77,6 +83,9 @@ def layer_densities(params: Any, sparsity: float, *, distribution: str = "unifor
   sparse_flags = jax.tree.leaves(is_sparse)
   paths = [tree_paths.path_str(kp) for kp, _ in flat]
   shapes = [tuple(int(d) for d in np.shape(leaf)) for _, leaf in flat]
+  # The shape of one layer: a stacked leaf's leading (layer) axes dropped.
+  slice_shapes = [shape[policy.stacked_axes(path, leaf):]
+                  for path, shape, (_, leaf) in zip(paths, shapes, flat)]
 
   out: list[float] = [1.0] * len(flat)
   free: list[int] = []  # sparse leaves whose density the distribution decides
@@ -95,7 +104,7 @@ def layer_densities(params: Any, sparsity: float, *, distribution: str = "unifor
     return jax.tree.unflatten(treedef, out)
 
   sizes = {i: int(np.prod(shapes[i])) for i in free}
-  raw = {i: _raw_score(shapes[i], distribution) for i in free}
+  raw = {i: _raw_score(slice_shapes[i], distribution) for i in free}
   dense: set[int] = set()
   while True:
     rhs = 0.0

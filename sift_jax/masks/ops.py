@@ -12,7 +12,8 @@ import numpy as np
 from sift_jax.masks import topk, tree_paths
 
 __all__ = ["target_count", "init_masks", "apply_masks", "mask_stats",
-           "check_masks", "check_densities", "check_same_shapes", "conform"]
+           "check_masks", "check_densities", "check_same_shapes", "check_stacked", "conform",
+           "slice_size"]
 
 
 def target_count(density: float, size: int) -> int:
@@ -94,12 +95,39 @@ def check_masks(params: Any, masks: Any) -> Any:
   return masks
 
 
-def init_masks(key: jax.Array, params: Any, densities: Any) -> Any:
-  """Draws random masks with an exact number of ones per leaf.
+def check_stacked(params: Any, stacked: Any) -> list[int]:
+  """Per leaf of ``params``, its number of stacked leading axes (0 for ``None``).
+
+  ``stacked`` is a tree of ints with the params' structure, e.g. from
+  :func:`sift_jax.masks.selection.stacked_axes`.
+
+  Raises:
+    ValueError: naming the parameter path of a bad count.
+  """
+  paths, leaves = _paths_and_leaves(params)
+  if stacked is None:
+    return [0] * len(leaves)
+  counts = jax.tree.leaves(conform(params, stacked, "stacked"))
+  for path, leaf, n in zip(paths, leaves, counts):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= len(np.shape(leaf)):
+      raise ValueError(f"stacked axes for parameter {path!r} (shape {tuple(np.shape(leaf))}) must "
+                       f"be an int in [0, ndim], got {n!r}")
+  return [int(n) for n in counts]
+
+
+def slice_size(shape: tuple[int, ...], n_stacked: int) -> int:
+  """Number of weights of one layer of a leaf whose first ``n_stacked`` axes are stacked."""
+  return int(np.prod(shape[n_stacked:])) if shape[n_stacked:] else 1
+
+
+def init_masks(key: jax.Array, params: Any, densities: Any, *, stacked: Any = None) -> Any:
+  """Draws random masks with an exact number of ones per leaf (per layer of a stack).
 
   Leaf ``l`` gets exactly :func:`target_count` ``(densities[l], size)`` ones at
   uniformly random positions (RigL's exact-count rule, docs/method.md, section 4).
-  Leaves with density 1.0 get all-ones masks. Jittable; ``params`` may hold
+  A leaf with ``n`` stacked leading axes (``nn.scan``/``nn.vmap`` layers) gets
+  that count in every slice, with ``size`` the slice's. Leaves with density
+  1.0 get all-ones masks. Jittable; ``params`` may hold
   ``jax.ShapeDtypeStruct`` leaves.
 
   Args:
@@ -107,19 +135,23 @@ def init_masks(key: jax.Array, params: Any, densities: Any) -> Any:
     params: Parameter pytree (only shapes are used).
     densities: Pytree of Python floats with the structure of ``params``, e.g.
       from :func:`sift_jax.layer_densities`.
+    stacked: Optional tree of ints with the structure of ``params``: the
+      leading axes of each leaf that index stacked layers
+      (:func:`sift_jax.masks.selection.stacked_axes`); None: no stacks.
 
   Returns:
     A bool pytree with the structure of ``params``.
   """
   densities = check_densities(params, densities)
+  n_stacked = check_stacked(params, stacked)
   leaves = jax.tree.leaves(params)
   dens = jax.tree.leaves(densities)
   keys = jax.random.split(key, max(len(leaves), 1))
   out: list = [None] * len(leaves)
-  sel_idx, sel_keys, sel_ks, sel_seeds = [], [], [], []
+  sel_idx, sel_keys, sel_ks, sel_seeds, sel_batch = [], [], [], [], []
   for i, (leaf, d) in enumerate(zip(leaves, dens)):
     shape = tuple(np.shape(leaf))
-    size = int(np.prod(shape)) if shape else 1
+    size = slice_size(shape, n_stacked[i])
     n = target_count(float(d), size)
     if n >= size:
       out[i] = jnp.ones(shape, jnp.bool_)
@@ -129,7 +161,9 @@ def init_masks(key: jax.Array, params: Any, densities: Any) -> Any:
     sel_keys.append((jax.random.bits(k_score, shape, jnp.uint32) >> 1).astype(jnp.int32))
     sel_ks.append(n)
     sel_seeds.append(jax.random.bits(k_tie, (), jnp.uint32))
-  for i, m in zip(sel_idx, topk.select_top_k_many(sel_keys, sel_ks, sel_seeds)):
+    sel_batch.append(n_stacked[i])
+  for i, m in zip(sel_idx, topk.select_top_k_many(sel_keys, sel_ks, sel_seeds,
+                                                   batch_ndims=sel_batch)):
     out[i] = m
   return jax.tree.unflatten(jax.tree.structure(params), out)
 

@@ -16,7 +16,7 @@ selected count is exactly ``k``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +70,16 @@ def flat_index_hash(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
   return _fmix32(_fmix32(idx ^ seed) + (seed * jnp.uint32(0x9E3779B9) + jnp.uint32(1)))
 
 
-def _radix_thresholds(keys: list[jax.Array], ks: jax.Array, nbits: int, dtype) -> jax.Array:
-  """Per tensor i, the largest t (built bit by bit) with ``count(keys[i] >= t) >= ks[i]``.
+def _count_at_least(k: jax.Array, t: jax.Array, batch_ndim: int) -> jax.Array:
+  """``sum(k >= t)`` over the non-batch axes: one count per slice (a scalar if unbatched)."""
+  t = jnp.reshape(t, t.shape + (1,) * (k.ndim - batch_ndim))
+  return jnp.sum(k >= t, axis=tuple(range(batch_ndim, k.ndim)), dtype=jnp.int32)
+
+
+def _radix_thresholds(keys: list[jax.Array], ks: list[jax.Array], batch_ndims: list[int],
+                      nbits: int, dtype) -> list[jax.Array]:
+  """Per tensor i (per slice of its ``batch_ndims[i]`` leading axes), the largest
+  t (built bit by bit) with ``count(keys[i] >= t) >= ks[i]``.
 
   All tensors are searched in one loop, so a model with many layers compiles
   one small while loop rather than one per layer.
@@ -79,41 +87,71 @@ def _radix_thresholds(keys: list[jax.Array], ks: jax.Array, nbits: int, dtype) -
 
   def body(b, prefixes):
     bit = jnp.asarray(1, dtype) << (nbits - 1 - b).astype(dtype)
-    cands = prefixes | bit
-    counts = jnp.stack([jnp.sum(k >= cands[i], dtype=jnp.int32) for i, k in enumerate(keys)])
-    return jnp.where(counts >= ks, cands, prefixes)
+    out = []
+    for k, n, nb, prefix in zip(keys, ks, batch_ndims, prefixes):
+      cand = prefix | bit
+      out.append(jnp.where(_count_at_least(k, cand, nb) >= n, cand, prefix))
+    return tuple(out)
 
-  return lax.fori_loop(0, nbits, body, jnp.zeros((len(keys),), dtype))
+  init = tuple(jnp.zeros(k.shape[:nb], dtype) for k, nb in zip(keys, batch_ndims))
+  return list(lax.fori_loop(0, nbits, body, init))
+
+
+def _expand(x: jax.Array, k: jax.Array, batch_ndim: int) -> jax.Array:
+  """A per-slice value broadcast against the tensor ``k``."""
+  return jnp.reshape(x, x.shape + (1,) * (k.ndim - batch_ndim))
 
 
 def select_top_k_many(keys: list[jax.Array], ks: Sequence[jax.typing.ArrayLike],
-                      seeds: list[jax.Array]) -> list[jax.Array]:
-  """:func:`select_top_k` for several tensors at once (two loops in all)."""
+                      seeds: list[jax.Array],
+                      batch_ndims: Optional[Sequence[int]] = None) -> list[jax.Array]:
+  """:func:`select_top_k` for several tensors at once (two loops in all).
+
+  Args:
+    keys: int32 keys per tensor (see :func:`select_top_k`).
+    ks: Number of positions to select per tensor; for a tensor with batch
+      axes a scalar (the same for every slice) or an array of the batch shape.
+    seeds: uint32 tie-breaking seed per tensor.
+    batch_ndims: Per tensor, the number of leading axes indexing independent
+      slices (the layers of an ``nn.scan`` stack): the selection is done per
+      slice, each with its own count. None: no batch axes.
+
+  Returns:
+    Bool masks of the keys' shapes.
+  """
   if not keys:
     return []
-  n_cand = jnp.stack([jnp.sum(k >= 0, dtype=jnp.int32) for k in keys])
-  clipped_ks = jnp.minimum(jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), n_cand)
-  thresholds = _radix_thresholds(keys, clipped_ks, 31, jnp.int32)
-  above = [k > thresholds[i] for i, k in enumerate(keys)]
-  ties = [k == thresholds[i] for i, k in enumerate(keys)]
-  remaining = clipped_ks - jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in above])
-  tie_counts = jnp.stack([jnp.sum(t, dtype=jnp.int32) for t in ties])
+  nbs = [0] * len(keys) if batch_ndims is None else [int(n) for n in batch_ndims]
+  if len(nbs) != len(keys):
+    raise ValueError(f"batch_ndims has {len(nbs)} entries for {len(keys)} tensors")
+  n_cand = [_count_at_least(k, jnp.zeros(k.shape[:nb], jnp.int32), nb) for k, nb in zip(keys, nbs)]
+  clipped_ks = [jnp.minimum(jnp.broadcast_to(jnp.asarray(n, jnp.int32), c.shape), c)
+                for n, c in zip(ks, n_cand)]
+  thresholds = _radix_thresholds(keys, clipped_ks, nbs, 31, jnp.int32)
+  above = [k > _expand(t, k, nb) for k, t, nb in zip(keys, thresholds, nbs)]
+  ties = [k == _expand(t, k, nb) for k, t, nb in zip(keys, thresholds, nbs)]
+  batch_axes = [tuple(range(nb, k.ndim)) for k, nb in zip(keys, nbs)]
+  remaining = [n - jnp.sum(a, axis=ax, dtype=jnp.int32) for n, a, ax in zip(clipped_ks, above, batch_axes)]
+  tie_counts = [jnp.sum(t, axis=ax, dtype=jnp.int32) for t, ax in zip(ties, batch_axes)]
 
   def take_all_ties(_):
     # Every tensor needs all of its ties (the usual case for float scores).
-    return [(above[i] | (ties[i] & (remaining[i] > 0))) & (clipped_ks[i] > 0) for i in range(len(keys))]
+    return [(above[i] | (ties[i] & _expand(remaining[i] > 0, k, nbs[i])))
+            & _expand(clipped_ks[i] > 0, k, nbs[i]) for i, k in enumerate(keys)]
 
   def break_ties(_):
     hashes = [jnp.where(t, flat_index_hash(k.shape, seed), jnp.uint32(0))
               for k, t, seed in zip(keys, ties, seeds)]
     # Among ties, take the `remaining` largest hashes (all distinct, so exact).
-    hash_thresholds = _radix_thresholds(hashes, remaining, 32, jnp.uint32)
-    return [(above[i] | (ties[i] & (hashes[i] >= hash_thresholds[i]) & (remaining[i] > 0))) & (clipped_ks[i] > 0)
-            for i in range(len(keys))]
+    hash_thresholds = _radix_thresholds(hashes, remaining, nbs, 32, jnp.uint32)
+    return [(above[i] | (ties[i] & (hashes[i] >= _expand(hash_thresholds[i], k, nbs[i]))
+                         & _expand(remaining[i] > 0, k, nbs[i])))
+            & _expand(clipped_ks[i] > 0, k, nbs[i]) for i, k in enumerate(keys)]
 
   # The second search only runs when some tensor has more ties at its
   # threshold than it may take (bf16 weights, zero gradients, SET's draws).
-  return lax.cond(jnp.any(tie_counts > remaining), break_ties, take_all_ties, None)
+  needs_break = jnp.any(jnp.stack([jnp.any(t > r) for t, r in zip(tie_counts, remaining)]))
+  return lax.cond(needs_break, break_ties, take_all_ties, None)
 
 
 def select_top_k(keys: jax.Array, k: jax.Array, seed: jax.Array) -> jax.Array:

@@ -38,7 +38,7 @@ References:
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,15 +82,17 @@ GROW_GROUPINGS: dict[str, Optional[GroupingFn]] = {
 
 
 def resolve_groups(grouping: GroupingFn, params: Any, sparse_paths: Sequence[str], *,
-                   what: str) -> list[list[int]]:
+                   what: str, stacked: Optional[Mapping[str, int]] = None) -> list[list[int]]:
   """Groups as positions in ``sparse_paths`` (the tensors a mask update changes).
 
   Leaves of a group that are not sparse are left out (a group needs two
-  sparse members to matter).
+  sparse members to matter). Stacked leaves (the branches of ``nn.scan``
+  layers, ``stacked`` gives their leading layer axes) are grown per slice:
+  slice ``l`` of a branch competes only with slice ``l`` of its siblings.
 
   Raises:
     ValueError: for a path no leaf has, a path in two groups, or a group
-      whose sparse tensors differ in shape.
+      whose sparse tensors differ in shape or in stacked axes.
   """
   all_paths = tree_paths.leaf_paths(params)
   shapes = {p: tuple(jnp.shape(leaf)) for p, leaf in zip(all_paths, jax.tree.leaves(params))}
@@ -110,6 +112,10 @@ def resolve_groups(grouping: GroupingFn, params: Any, sparse_paths: Sequence[str
     if len({shapes[p] for p in members}) > 1:
       raise ValueError(f"{what}: grow group {g} has tensors of shapes "
                        f"{sorted({shapes[p] for p in members})}; siblings must have one shape")
+    n_stacked = {p: int((stacked or {}).get(p, 0)) for p in members}
+    if len(set(n_stacked.values())) > 1:
+      raise ValueError(f"{what}: grow group {g} mixes stacked axes {n_stacked}; siblings must be "
+                       "stacked alike")
     if len(members) >= 2:
       out.append([position[p] for p in members])
   return out
@@ -123,23 +129,29 @@ def _tiered(keys: jax.Array, taken: jax.Array) -> jax.Array:
 
 def grow_sibling_groups(keys: list[jax.Array], kept: list[jax.Array], counts: list[jax.Array],
                         seeds: list[jax.Array], groups: list[list[int]], rotation: jax.Array,
-                        select: Callable[..., list[jax.Array]]) -> list[jax.Array]:
+                        select: Callable[..., list[jax.Array]], *,
+                        batch_ndims: Optional[Sequence[int]] = None) -> list[jax.Array]:
   """Grow selection for sibling groups (see the module docstring); the others as usual.
 
   Args:
     keys: int32 grow keys per sparse tensor (``-1``: not a candidate, i.e.
       kept by the tensor itself).
     kept: Bool masks kept by the drop step, per tensor.
-    counts: Positions to grow, per tensor.
+    counts: Positions to grow, per tensor (per slice: an array of the batch
+      shape for a tensor with ``batch_ndims``).
     seeds: Tie-breaking seeds, per tensor.
     groups: Groups of indices into the lists (from :func:`resolve_groups`).
     rotation: int32 scalar; round ``r`` of a group of ``n`` grows its branch
       ``(rotation + r) mod n`` (the mask update's index).
-    select: ``select(keys, counts, seeds) -> bool masks``, one top-k per tensor.
+    select: ``select(keys, counts, seeds, batch_ndims) -> bool masks``, one
+      top-k per tensor (per slice of its ``batch_ndims`` leading axes).
+    batch_ndims: Per tensor, the leading axes indexing stacked layers (grown
+      per slice); None: none. Siblings share theirs.
 
   Returns:
     The grown bool masks, per tensor.
   """
+  nbs = [0] * len(keys) if batch_ndims is None else [int(n) for n in batch_ndims]
   grouped = {j for g in groups for j in g}
   free = [j for j in range(len(keys)) if j not in grouped]
   grown: list[Optional[jax.Array]] = [None] * len(keys)
@@ -156,7 +168,7 @@ def grow_sibling_groups(keys: list[jax.Array], kept: list[jax.Array], counts: li
   for r in range(max((len(g) for g in groups), default=0)):
     # One batched selection per round: branch r of every group (and, in round
     # 0, every tensor outside a group).
-    round_keys, round_counts, round_seeds, where = [], [], [], []
+    round_keys, round_counts, round_seeds, round_nbs, where = [], [], [], [], []
     for gi, g in enumerate(groups):
       if r >= len(g):
         continue
@@ -166,12 +178,14 @@ def grow_sibling_groups(keys: list[jax.Array], kept: list[jax.Array], counts: li
       round_keys.append(_tiered(st["keys"][b], held_by_others | st["taken_now"]))
       round_counts.append(st["counts"][b])
       round_seeds.append(st["seeds"][b])
+      round_nbs.append(nbs[g[0]])
       where.append((gi, b))
     if r == 0:
       round_keys += [keys[j] for j in free]
       round_counts += [counts[j] for j in free]
       round_seeds += [seeds[j] for j in free]
-    chosen = select(round_keys, round_counts, round_seeds)
+      round_nbs += [nbs[j] for j in free]
+    chosen = select(round_keys, round_counts, round_seeds, round_nbs)
     for (gi, b), sel in zip(where, chosen):
       st = stacks[gi]
       st["grown"] = st["grown"].at[b].set(sel)

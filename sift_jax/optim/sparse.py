@@ -247,7 +247,10 @@ def dynamic_sparse(
       (exactly one of ``sparsity``, ``densities``, ``masks``).
     densities: Pytree of per-leaf densities (see :func:`sift_jax.layer_densities`).
     masks: Explicit initial bool masks; every leaf needs an active weight.
-    policy: :class:`sift_jax.SparsityPolicy`; default: every leaf with ndim >= 2.
+    policy: :class:`sift_jax.SparsityPolicy`; default: the kernels (never
+      biases, scales, embeddings). Its ``stacked`` leaves (``nn.scan``
+      layers) are counted, ranked and updated per slice: every layer keeps
+      its exact count.
     distribution: ``"uniform"``, ``"erk"`` or ``"er"`` when ``sparsity`` is given.
     sparsity_progress: Pruning: optax schedule ``step -> c`` in [0, 1]
       (exclusive with ``drop_fraction`` and ``grow_score_fn``).
@@ -335,6 +338,10 @@ def dynamic_sparse(
       return densities_lib.layer_densities(params, sparsity, distribution=distribution, policy=policy)
     return None
 
+  def stacked_counts(params) -> list[int]:
+    """Static per-leaf number of leading axes indexing stacked layers (policy.stacked)."""
+    return ops.check_stacked(params, selection.stacked_axes(params, policy))
+
   def leaf_flags(params) -> tuple[list[bool], list[bool]]:
     """Static per-leaf flags: which leaves a mask update may change, and which
     masks are all-true by construction, forever."""
@@ -354,9 +361,10 @@ def dynamic_sparse(
     return flags, always
 
   def final_counts(params) -> list[int]:
-    """Static per-leaf active counts that pruning reaches."""
-    return [ops.target_count(float(d), int(np.prod(np.shape(p))))
-            for p, d in zip(jax.tree.leaves(params), jax.tree.leaves(resolve_densities(params)))]
+    """Static per-leaf (per-slice, for a stacked leaf) active counts that pruning reaches."""
+    return [ops.target_count(float(d), ops.slice_size(tuple(np.shape(p)), n))
+            for p, d, n in zip(jax.tree.leaves(params), jax.tree.leaves(resolve_densities(params)),
+                               stacked_counts(params))]
 
   def init_fn(params):
     leaf_flags(params)  # bad policies and density trees fail here, not at the first update
@@ -367,7 +375,8 @@ def dynamic_sparse(
     elif start_dense:
       initial = jax.tree.map(lambda p: jnp.ones(np.shape(p), jnp.bool_), params)
     else:
-      initial = ops.init_masks(init_key, params, resolve_densities(params))
+      initial = ops.init_masks(init_key, params, resolve_densities(params),
+                               stacked=selection.stacked_axes(params, policy))
     return SparseState(
         count=jnp.zeros((), jnp.int32),
         masks=initial,
@@ -377,13 +386,16 @@ def dynamic_sparse(
                           num_grown=jnp.zeros((), jnp.int32), num_updates=jnp.zeros((), jnp.int32)),
     )
 
-  def select(keys: list[jax.Array], ks: list[jax.Array], seeds: list[jax.Array]) -> list[jax.Array]:
-    """Top-k per tensor, or over all tensors at once for the global scope."""
+  def select(keys: list[jax.Array], ks: list[jax.Array], seeds: list[jax.Array],
+             batch_ndims: Optional[list[int]] = None) -> list[jax.Array]:
+    """Top-k per tensor (per slice of a stacked tensor), or over all tensors at
+    once for the global scope (``ks`` then holds one total)."""
     if scope == "layerwise" or not keys:
-      return topk.select_top_k_many(keys, ks, seeds)
+      return topk.select_top_k_many(keys, ks, seeds, batch_ndims)
     sizes = [int(k.size) for k in keys]
     flat = jnp.concatenate([k.reshape(-1) for k in keys])
-    chosen = topk.select_top_k_many([flat], [sum(ks, jnp.zeros((), jnp.int32))], [seeds[0]])[0]
+    total = sum((jnp.sum(k, dtype=jnp.int32) for k in ks), jnp.zeros((), jnp.int32))
+    chosen = topk.select_top_k_many([flat], [total], [seeds[0]])[0]
     bounds = np.cumsum([0] + sizes)
     return [chosen[a:b].reshape(k.shape) for a, b, k in zip(bounds[:-1], bounds[1:], keys)]
 
@@ -434,12 +446,17 @@ def dynamic_sparse(
 
     idx = [i for i, flag in enumerate(flags) if flag]
     idx_set = set(idx)
+    n_stacked = stacked_counts(params)
+    # Per sparse tensor: its stacked (layer) axes, counted per slice, and the axes of one slice.
+    batch_ndims = [n_stacked[i] for i in idx]
+    slice_axes = [tuple(range(n_stacked[i], len(np.shape(p_leaves[i])))) for i in idx]
     if grow_groups is None:
       groups = []
     else:
       leaf_paths = tree_paths.leaf_paths(params)
-      groups = branch_growth.resolve_groups(grow_groups, params, [leaf_paths[i] for i in idx],
-                                            what=name)
+      groups = branch_growth.resolve_groups(
+          grow_groups, params, [leaf_paths[i] for i in idx], what=name,
+          stacked={leaf_paths[i]: n_stacked[i] for i in idx})
     n_final = final_counts(params) if pruning else None
     ever_leaves = treedef.flatten_up_to(state.stats.ever_active)
     is_update = is_update_step(state.count)
@@ -449,21 +466,23 @@ def dynamic_sparse(
                for u in u_leaves]
 
     def target_keep_counts(n_active: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-      """Per tensor (or, globally, in total): weights kept, weights grown."""
+      """Per tensor (per slice; or, globally, in total): weights kept, weights grown."""
+      if scope == "global":
+        n_active = [sum((jnp.sum(n, dtype=jnp.int32) for n in n_active), jnp.zeros((), jnp.int32))]
       if pruning:
         assert sparsity_progress is not None and n_final is not None  # pruning says so
         progress = jnp.clip(jnp.asarray(sparsity_progress(state.count), jnp.float32), 0.0, 1.0)
-        sizes = [int(np.prod(p_leaves[i].shape)) for i in idx]
+        sizes = [ops.slice_size(tuple(p_leaves[i].shape), n_stacked[i]) for i in idx]
         finals = [n_final[i] for i in idx]
         if scope == "global":
-          sizes, finals, n_active = [sum(sizes)], [sum(finals)], [sum(n_active, jnp.zeros((), jnp.int32))]
+          n_slices = [int(np.prod(p_leaves[i].shape[:n_stacked[i]])) for i in idx]
+          sizes = [sum(z * m for z, m in zip(sizes, n_slices))]
+          finals = [sum(f * m for f, m in zip(finals, n_slices))]
         keep = [jnp.minimum(n, s - jnp.floor(progress * jnp.float32(s - f) + 0.5).astype(jnp.int32))
                 for n, s, f in zip(n_active, sizes, finals)]
         return keep, [jnp.zeros((), jnp.int32)] * len(keep)
       assert drop_fraction_fn is not None  # set for every dynamic method that does not prune
       frac = jnp.asarray(drop_fraction_fn(state.count), jnp.float32)
-      if scope == "global":
-        n_active = [sum(n_active, jnp.zeros((), jnp.int32))]
       n_drop = [jnp.floor(frac * n.astype(jnp.float32)).astype(jnp.int32) for n in n_active]
       grow = n_drop if grow_score_fn is not None else [jnp.zeros((), jnp.int32)] * len(n_drop)
       return [n - d for n, d in zip(n_active, n_drop)], grow
@@ -477,19 +496,19 @@ def dynamic_sparse(
       inputs = [ScoreInputs(weights=p_leaves[i] + u_leaves[i] if optimizer_step_on_update
                             else p_leaves[i], grads=g_leaves[i], masks=m_leaves[i],
                             key=jax.random.fold_in(base_key, 10_000 + i)) for i in idx]
-      n_active = [jnp.sum(m_leaves[i], dtype=jnp.int32) for i in idx]
+      n_active = [jnp.sum(m_leaves[i], axis=ax, dtype=jnp.int32) for i, ax in zip(idx, slice_axes)]
       n_keep, n_grow = target_keep_counts(n_active)
       assert drop_score_fn is not None  # checked above: a dynamic method needs one
       drop_keys = [_score_keys(drop_score_fn, x, x.masks) for x in inputs]
-      kept = select(drop_keys, n_keep, [sd[0] for sd in seeds])
+      kept = select(drop_keys, n_keep, [sd[0] for sd in seeds], batch_ndims)
       if grow_score_fn is not None:
         grow_keys = [_score_keys(grow_score_fn, x, ~kp) for x, kp in zip(inputs, kept)]
         if groups:
           grown = branch_growth.grow_sibling_groups(
               grow_keys, kept, n_grow, [sd[1] for sd in seeds], groups,
-              state.stats.num_updates, select)
+              state.stats.num_updates, select, batch_ndims=batch_ndims)
         else:
-          grown = select(grow_keys, n_grow, [sd[1] for sd in seeds])
+          grown = select(grow_keys, n_grow, [sd[1] for sd in seeds], batch_ndims)
         new_sparse = tuple(kp | gr for kp, gr in zip(kept, grown))
       else:
         new_sparse = tuple(kept)
@@ -580,7 +599,8 @@ def static_sparse(inner: optax.GradientTransformation, *, sparsity: Optional[flo
       (exactly one of ``sparsity``, ``densities``, ``masks``).
     densities: Pytree of per-leaf densities (see :func:`sift_jax.layer_densities`).
     masks: Explicit bool mask tree (validated against the params at ``init``).
-    policy: :class:`sift_jax.SparsityPolicy`; default: every leaf with ndim >= 2.
+    policy: :class:`sift_jax.SparsityPolicy`; default: the kernels (never
+      biases, scales, embeddings); ``stacked`` leaves get exact per-slice counts.
     distribution: ``"uniform"``, ``"erk"`` or ``"er"`` when ``sparsity`` is given.
     seed: int or PRNG key for the initial masks.
 

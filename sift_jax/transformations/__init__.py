@@ -19,6 +19,8 @@ from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, che
 from sift_jax.transformations.nnx_bridge import (NNX_LAYERS, NnxAsLinen, NotAModuleError,
                                                  TransformedNnxModel, as_linen, transform_nnx)
 from sift_jax.transformations.transform import TransformedModel, transform, transformed_policy
+from sift_jax.transformations.wide_analysis import (WideAnalysisError, WidePlan,
+                                                    exact_output_layers, plan_sparse_wide)
 
 __all__ = [
     "BATCH_NORM_EPSILON", "BATCH_NORM_MOMENTUM", "BranchOverlap", "DOPED_DENSE_PARTS",
@@ -32,4 +34,5 @@ __all__ = [
     "sparse_parallel_branches", "sparse_wide_factor", "sparse_wide_width", "template_dims",
     "transform", "transformed_policy", "widen",
     "NNX_LAYERS", "NnxAsLinen", "NotAModuleError", "TransformedNnxModel", "as_linen", "transform_nnx",
+    "WideAnalysisError", "WidePlan", "exact_output_layers", "plan_sparse_wide",
 ]

@@ -25,9 +25,16 @@ Which layers are transformed:
 * for Sparse Wide, every layer: each one's output features grow by
   ``k_sw = sqrt(1/d)`` except the ``output_layers``, and inputs follow
   because Flax creates kernels from the input shape. Without
-  ``output_layers`` the last layer called is the output layer; a model with
-  residual streams (a transformer block) must name the layers that write into
-  them. Whatever ``output_layers`` say, the transformed model's output shapes
+  ``output_layers`` the layers that must keep their width are found from the
+  model (:mod:`sift_jax.transformations.wide_analysis`): the model is traced
+  abstractly with candidate layers widened, and a layer (or a group of sibling
+  layers, such as attention's query and key) is widened only if the model then
+  builds with its original output shapes. Residual-stream writers, the layers
+  that write the output and layers feeding a fixed-size reshape or parameter
+  keep their width; :meth:`TransformedModel.wide_plan` shows the plan, and a
+  model where the analysis cannot decide raises
+  :class:`~sift_jax.transformations.WideAnalysisError` listing the
+  ``output_layers=`` to pass. Whatever ``output_layers`` say, the transformed model's output shapes
   are checked against the original's on every trace, and a change raises a
   ValueError naming the widened layers that write the output. A layer whose
   weights are shared by several calls cannot be widened (its calls would see
@@ -43,6 +50,7 @@ collection (``batch_stats``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -61,6 +69,7 @@ from sift_jax.transformations import isoflop
 from sift_jax.transformations import layers as layers_lib
 from sift_jax.transformations import members as members_lib
 from sift_jax.transformations import nnx_bridge
+from sift_jax.transformations import wide_analysis
 from sift_jax.transformations.family import FamilyConfig
 
 __all__ = ["transform", "TransformedModel", "transformed_policy"]
@@ -70,6 +79,7 @@ class _State(threading.local):
 
   def __init__(self):
     self.depth = 0  # > 0 while a replacement runs: its own sub-layers are not transformed
+    self.recorded: Optional[tuple[list[str], Any]] = None  # set while the Sparse Wide plan probes
 
 
 _STATE = _State()
@@ -80,6 +90,7 @@ class _ModelRef:
 
   def __init__(self, module: nn.Module):
     self.module = module
+    self.plans: dict[Any, Any] = {}  # Sparse Wide plans by input signature (TransformedModel._plan)
 
   def __repr__(self) -> str:
     return f"{type(self.module).__name__}"
@@ -193,6 +204,9 @@ class _Interceptor:
     if self.config.member.widens:
       return True
     policy = self.owner.policy if self.owner.policy is not None else selection.SparsityPolicy()
+    # A layer called inside nn.scan/nn.vmap sees one slice of its stacked kernel,
+    # so the stacked rules (about the stack's leading axes) do not apply here.
+    policy = dataclasses.replace(policy, stacked=())
     return policy.decide(f"{path}/kernel", _kernel_struct(module, x)).sparse
 
   def _shape_error(self, path: str, e: Exception) -> ValueError:
@@ -254,6 +268,13 @@ class _Interceptor:
       raise
 
 
+def _marker(t: Any) -> Any:
+  return t
+
+
+_marker.__name__ = wide_analysis.MARKER_NAME
+
+
 def _split_static(tree: Any) -> tuple[list[Any], Any]:
   """Splits a pytree into array leaves (traced) and a rebuild function."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -285,7 +306,7 @@ class TransformedModel(nn.Module):
     policy: The user's mask policy of the original model (selects layers).
     layers: Optional regexes selecting the layers to transform.
     output_layers: Sparse Wide: layers whose output width is kept; ``None``
-      picks the last layer called.
+      uses the plan of :meth:`wide_plan`.
   """
 
   wrapped: _ModelRef
@@ -297,6 +318,8 @@ class TransformedModel(nn.Module):
   @nn.nowrap
   def _record(self, args: tuple, kwargs: dict) -> tuple[list[str], Any]:
     """Traces the original model abstractly: its layer call order and output shapes."""
+    if _STATE.recorded is not None:  # a probe of the Sparse Wide plan: the caller traced it
+      return _STATE.recorded
     calls: list[str] = []
     model = self.wrapped.module
 
@@ -328,7 +351,7 @@ class TransformedModel(nn.Module):
         raise ValueError(f"transform(): {self.wrapped!r} calls no transformable nn.Dense, "
                          "nn.DenseGeneral or nn.Conv layer; nothing to transform")
       if output_layers is None:
-        output_layers = ("^" + re.escape(calls[-1]) + "$",)
+        output_layers = self._plan(args, kwargs, calls, expected).output_layers
     interceptor = _Interceptor(self, root, output_layers or ())
     try:
       with nn.intercept_methods(interceptor):
@@ -351,6 +374,103 @@ class TransformedModel(nn.Module):
     if expected is not None:
       self._check_output(out, expected, interceptor)
     return out
+
+  @nn.nowrap
+  def _plan(self, args: tuple, kwargs: dict, calls: list[str], expected: Any
+            ) -> wide_analysis.WidePlan:
+    """The Sparse Wide plan for these input shapes (cached on the wrapped model)."""
+    arrays, rebuild = _split_static((args, kwargs))
+    statics = [repr(l) for l in jax.tree.leaves((args, kwargs)) if not hasattr(l, "shape")]
+    key = (repr(jax.tree.structure((args, kwargs))), tuple((a.shape, str(a.dtype)) for a in arrays),
+           tuple(statics), self.config, repr(self.policy), self.layers)
+    cache = self.wrapped.plans
+    if key in cache:
+      return cache[key]
+    candidates = _unique(calls)
+    if self.layers is not None:
+      candidates = [p for p in candidates if any(re.search(r, p) for r in self.layers)]
+    prober = self.clone(parent=None)
+
+    def probe(widened: frozenset) -> Optional[str]:
+      keep = wide_analysis.exact_output_layers([p for p in _unique(calls) if p not in widened])
+      model = prober.clone(output_layers=keep)
+
+      def run(*traced):
+        a, k = rebuild(traced)
+        return model.init_with_output(_init_rngs(), *a, **k)[0]
+
+      outer, _STATE.recorded = _STATE.recorded, (calls, expected)
+      try:
+        jax.eval_shape(run, *arrays)
+      except Exception as e:  # pylint: disable=broad-except
+        # The original traced: whatever fails now, widening these layers made it fail.
+        return f"{type(e).__name__}: {e}"
+      finally:
+        _STATE.recorded = outer
+      return None
+
+    plan = wide_analysis.plan_sparse_wide(candidates, probe, what=repr(self.wrapped),
+                                          links=self._stream_links(arrays, rebuild))
+    cache[key] = plan
+    return plan
+
+  @nn.nowrap
+  def _stream_links(self, arrays: list[Any], rebuild: Callable[[Any], Any]) -> frozenset:
+    """Traces the original model with its layer inputs and outputs marked; see ``stream_links``."""
+    events: list[tuple[str, str]] = []
+    mark = jax.jit(_marker)
+
+    def marker(next_fun, a, k, context):
+      module = context.module
+      if (context.method_name != "__call__" or _STATE.depth or module.scope is None
+          or not _transformable(module)):
+        return next_fun(*a, **k)
+      x = _layer_input(module, a, k)
+      if x is None or not hasattr(x, "shape"):
+        return next_fun(*a, **k)
+      path = "/".join(module.scope.path)
+      events.append(("in", path))
+      if a:
+        a = (mark(x),) + tuple(a[1:])
+      else:
+        cls: type = type(module)  # as `type`: see _layer_input
+        k = dict(k, **{_input_name(cls) or "inputs": mark(x)})
+      y = next_fun(*a, **k)
+      events.append(("out", path))
+      return mark(y)
+
+    def run(*traced):
+      a, k = rebuild(traced)
+      with nn.intercept_methods(marker):
+        return self.wrapped.module.init_with_output(_init_rngs(), *a, **k)[0]
+
+    try:
+      jaxpr = jax.make_jaxpr(run)(*arrays)
+    except Exception:  # pylint: disable=broad-except
+      return frozenset()  # no links known: the probes alone decide
+    return wide_analysis.stream_links(jaxpr, events)
+
+  @nn.nowrap
+  def wide_plan(self, *inputs: Any, **kwargs: Any) -> wide_analysis.WidePlan:
+    """Sparse Wide: which layers are widened and which keep their width, for these inputs.
+
+    With ``output_layers=None`` this is the plan :meth:`__call__` applies
+    (:func:`sift_jax.transformations.plan_sparse_wide`); with explicit
+    ``output_layers`` the analysis runs all the same, for comparison.
+
+    Raises:
+      ValueError: if the family does not widen.
+      WideAnalysisError: where the analysis cannot decide (the message lists
+        the ``output_layers=`` to pass).
+    """
+    if not self.config.member.widens:
+      raise ValueError(f"wide_plan(): family {self.config.family!r} does not widen layers")
+    unbound = self.clone(parent=None)
+    calls, expected = unbound._record(inputs, kwargs)
+    if not calls:
+      raise ValueError(f"transform(): {self.wrapped!r} calls no transformable nn.Dense, "
+                       "nn.DenseGeneral or nn.Conv layer; nothing to transform")
+    return unbound._plan(inputs, kwargs, calls, expected)
 
   @nn.nowrap
   def _check_output(self, out: Any, expected: Any, interceptor: _Interceptor) -> None:
@@ -381,9 +501,19 @@ class TransformedModel(nn.Module):
         f"{which} (output_layers={self.output_layers!r})")
 
   @nn.nowrap
-  def sparsity_policy(self) -> selection.SparsityPolicy:
-    """The :class:`SparsityPolicy` of the transformed parameters (see :func:`transformed_policy`)."""
-    return transformed_policy(self.policy, self.config.family, self.config.reference)
+  def sparsity_policy(self, *example_inputs: Any, **apply_kwargs: Any) -> selection.SparsityPolicy:
+    """The :class:`SparsityPolicy` of the transformed parameters (see :func:`transformed_policy`).
+
+    The user's ``stacked=`` rules carry over. Exact paths of the original
+    model's stacked leaves (``with_stacked(detect_stacked(model, x))``) do not
+    name the transformed leaves (``blocks/fc/kernel`` becomes
+    ``blocks/fc/U/kernel``): given example inputs, the stacked leaves of the
+    transformed model are detected (:func:`sift_jax.detect_stacked`) and added.
+    """
+    policy = transformed_policy(self.policy, self.config.family, self.config.reference)
+    if example_inputs:
+      policy = policy.with_stacked(selection.detect_stacked(self, *example_inputs, **apply_kwargs))
+    return policy
 
   @nn.nowrap
   def base_model(self) -> nn.Module:
@@ -423,7 +553,8 @@ class TransformedModel(nn.Module):
     base_macs = _macs_at_init(base, inputs, apply_kwargs)[0].total
     macs, variables = _macs_at_init(self, inputs, apply_kwargs)
     method = cfg.member.solve_method(cfg.reference)
-    return isoflop.solve_sparsity(macs, variables["params"], self.sparsity_policy(),
+    kwargs = {k: v for k, v in apply_kwargs.items() if k not in ("mutable", "rngs")}
+    return isoflop.solve_sparsity(macs, variables["params"], self.sparsity_policy(*inputs, **kwargs),
                                   base_dense_macs=base_macs, nominal_sparsity=cfg.sparsity,
                                   method=method, what=f"transformed {self.wrapped!r}")
 
@@ -516,7 +647,8 @@ def transform(model: Any, *, family: str, sparsity: float,
       and, via :meth:`TransformedModel.sparsity_policy`, the masks.
     layers: Regexes on layer paths selecting the layers to transform.
     output_layers: Sparse Wide: regexes of layers whose output width is kept
-      (model outputs, residual-stream writers). ``None``: the last layer called.
+      (model outputs, residual-stream writers). ``None``: found from the model
+      (:meth:`TransformedModel.wide_plan`); given, they win over the plan.
     reference: The reference's size, masking and re-fit rules (see above).
     round_to: Widths and ranks are rounded to the nearest multiple of this,
       and to at least one multiple.
@@ -541,7 +673,9 @@ def transform(model: Any, *, family: str, sparsity: float,
       sparsity with ``family="dense"`` (nothing would use it), invalid regexes or a non-callable
       ``parallel_activation``. A model in which nothing gets transformed, or
       whose output shape Sparse Wide would change, raises when it is first
-      traced (``init``/``apply``).
+      traced (``init``/``apply``); so does
+      :class:`~sift_jax.transformations.WideAnalysisError` (a ValueError) for a
+      model whose Sparse Wide plan cannot be decided.
   """
   if nnx_bridge.is_nnx_module(model):  # converted to Linen, transformed, wrapped back (nnx_bridge)
     return nnx_bridge.transform_nnx(
