@@ -57,6 +57,7 @@ def test_full_size_shapes_and_specs():
   bert = models.get_model("bert_mini")
   assert (bert.input_shape, bert.task, bert.vocab_size) == ((512,), "masked_lm", 30522)
   assert bert.info["mask_token_id"] == 30522
+  assert bert.info["task_options"] == {"vocab_size": 30522, "mask_token_id": 30522}
   assert bert.abstract_output().shape == (1, 512, 30522)
   assert bert.abstract_variables()["params"]["embed"]["embedding"].shape == (30523, 256)
 

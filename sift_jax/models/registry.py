@@ -62,7 +62,9 @@ class ModelSpec:
     vocab_size: Vocabulary size (lm, masked_lm), else None.
     reference: Built with the reference rules.
     round_to: Width/rank granularity.
-    info: Widths, ranks (``{layer: r}``), branches (``{layer: n}``), MACs.
+    info: Widths, ranks (``{layer: r}``), branches (``{layer: n}``), MACs;
+      BERT also ``mask_token_id`` and ``task_options`` (the keyword arguments
+      of :func:`sift_jax.training.get_task` for its task).
   """
 
   name: str
@@ -333,7 +335,8 @@ def _bert_builder(*, width: int, depth: int, heads: int, context: int, vocab: in
               "mlp_width": cfg.width(m, what="MLP width")}
     return _Built(_encoder_module(dense, cfg), (ctx,), jnp.int32, "masked_lm", None, voc,
                   (r"^embed/", r"^pos_embed$", r"^mlm/"), widths, sparse=_ENCODER_SPARSE,
-                  extra_info={"mask_token_id": voc})
+                  extra_info={"mask_token_id": voc,
+                              "task_options": {"vocab_size": voc, "mask_token_id": voc}})
   return build
 
 
@@ -462,7 +465,7 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
     reference: Use the authors' PyTorch rules (ranks, widths, Parallel norms,
       Doped masking of U and V, no re-solve except Sparse Wide's bisection).
     round_to: Round widths and ranks to this multiple (paper rules).
-    num_classes: Classifier outputs (default: the dataset's; not for GPT).
+    num_classes: Classifier outputs (default: the dataset's; not for GPT or BERT).
     input_shape: Per-example shape of the data (no batch dimension); the
       training loop passes the dataset's. ``None``: the model's own default
       (CIFAR 32x32x3, ImageNet and ViT 224x224x3, MNIST-1D 40). The MLP takes any

@@ -245,18 +245,16 @@ def run_task(spec: Any, train_info: Any, config: ml_collections.ConfigDict) -> s
   """The objective of a run: the model's task (:data:`sift_jax.training.step.TASKS`).
 
   A model without a ``task`` attribute (a custom ``get_model``) gets the
-  dataset's (classification or causal LM). A masked-LM model reserves the id
-  ``vocab_size`` as its mask token (``spec.info["mask_token_id"]``).
+  dataset's (classification or causal LM). The task's options come from
+  ``spec.info["task_options"]`` (a BERT's ``vocab_size`` and
+  ``mask_token_id``).
 
   Raises:
     ValueError: an unknown task, or one that does not train on this dataset
       (a masked-LM model on images), naming the model and the dataset.
   """
   name = getattr(spec, "task", None) or train_info.task
-  options: dict[str, Any] = {}
-  if name == "masked_lm":
-    info = getattr(spec, "info", {}) or {}
-    options = dict(vocab_size=spec.vocab_size, mask_token_id=info.get("mask_token_id"))
+  options = dict((getattr(spec, "info", None) or {}).get("task_options", {}))
   try:
     task = step_lib.get_task(name, **options)
   except ValueError as e:

@@ -208,7 +208,8 @@ def get_task(name: str, **options: Any) -> Task:
 
 def _task_for_keys(input_key: str, target_key: str) -> Task:
   """A plain task reading ``input_key`` and ``target_key`` (the keyword form of the steps)."""
-  return Task("classification", "classification", (input_key, target_key),
+  kind = "lm" if target_key == "targets" else "classification"
+  return Task(kind, kind, (input_key, target_key),
               lambda batch, rng: (batch[input_key], batch[target_key], None))
 
 
