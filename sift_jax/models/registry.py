@@ -23,12 +23,16 @@ import jax.numpy as jnp
 from sift_jax import flops
 from sift_jax.masks import selection, tree_paths
 from sift_jax.masks.densities import check_sparsity, layer_densities
+from sift_jax.models import bert as bert_lib
 from sift_jax.models import gpt as gpt_lib
 from sift_jax.models import mnist1d as mnist1d_lib
 from sift_jax.models import mnist1d_nnx as mnist1d_nnx_lib
 from sift_jax.models import mobilenet as mobilenet_lib
 from sift_jax.models import resnet as resnet_lib
+from sift_jax.models import vit as vit_lib
 from sift_jax.transformations import isoflop, members
+from sift_jax.transformations.transform import TransformedModel
+from sift_jax.transformations.transform import _ModelRef  # pylint: disable=protected-access
 from sift_jax.transformations.family import FamilyConfig
 
 __all__ = ["ModelSpec", "get_model", "list_models", "describe_transformed"]
@@ -53,12 +57,15 @@ class ModelSpec:
       (:data:`sift_jax.transformations.SOLVE_METHODS`).
     input_shape: Per-example input shape (no batch dimension).
     input_dtype: Input dtype (float32 images/signals, int32 tokens).
-    task: ``"classification"`` or ``"lm"``.
+    task: The training objective, a key of :data:`sift_jax.training.step.TASKS`:
+      ``"classification"``, ``"lm"`` (causal) or ``"masked_lm"``.
     num_classes: Classes (classification), else None.
-    vocab_size: Vocabulary size (lm), else None.
+    vocab_size: Vocabulary size (lm, masked_lm), else None.
     reference: Built with the reference rules.
     round_to: Width/rank granularity.
-    info: Widths, ranks (``{layer: r}``), branches (``{layer: n}``), MACs.
+    info: Widths, ranks (``{layer: r}``), branches (``{layer: n}``), MACs;
+      BERT also ``mask_token_id`` and ``task_options`` (the keyword arguments
+      of :func:`sift_jax.training.get_task` for its task).
   """
 
   name: str
@@ -170,6 +177,8 @@ class _Built:
   vocab_size: Optional[int]
   dense: tuple[str, ...]  # policy regexes of leaves that stay dense
   widths: Mapping[str, Any]
+  sparse: tuple[str, ...] = ()  # policy regexes of the sparse leaves (empty: the default rule)
+  extra_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _image_shape(name: str, input_shape: Optional[tuple[int, ...]], default: tuple[int, ...]
@@ -245,6 +254,90 @@ def _gpt_builder(*, depth: int, width: int, heads: int, context: int, vocab: int
                   (r"^embed/", r"^pos_embed$", r"^head/"),
                   {"width": width, "head_dim": head_dim, "attention_width": heads * head_dim,
                    "mlp_width": mlp})
+  return build
+
+
+# The transformed, sparse layers of the encoder blocks (ViT, BERT); explicit, so the policy does
+# not depend on the default selection rule.
+_ENCODER_SPARSE = (r"^block_\d+/(attn/(query|key|value|out)|mlp/fc[12])/(.+/)?kernel$",)
+# Sparse Wide keeps the width of the layers that write the residual stream and of the
+# embedding and head layers.
+_ENCODER_OUTPUT_LAYERS = (r"^block_\d+/attn/out$", r"^block_\d+/mlp/fc2$", r"^patch_embed$",
+                          r"^head$", r"^mlm/")
+
+
+def _encoder_module(dense_model: nn.Module, cfg: FamilyConfig) -> nn.Module:
+  """The dense encoder, or it under ``cfg``'s member through :func:`sift_jax.transform`.
+
+  The blocks use Flax's own attention (whose projections no model code can
+  wrap), so the member replaces the layers by interception: those the policy
+  makes sparse, or under Sparse Wide all but :data:`_ENCODER_OUTPUT_LAYERS`.
+  """
+  if not cfg.member.transforms:
+    return dense_model
+  return TransformedModel(
+      wrapped=_ModelRef(dense_model.clone(parent=None)),
+      config=cfg, policy=selection.SparsityPolicy(sparse=_ENCODER_SPARSE),
+      output_layers=_ENCODER_OUTPUT_LAYERS)
+
+
+def _encoder_sizes(name: str, kw: dict, *, width: int, depth: int, heads: int
+                   ) -> tuple[int, int, int, int]:
+  """``(width, depth, heads, mlp_width)``: the model's, or the overrides of ``kw``."""
+  w = int(kw.get("width", width))
+  d = int(kw.get("depth", depth))
+  h = int(kw.get("num_heads", heads))
+  m = int(kw.get("mlp_width", 4 * w))
+  if min(w, d, h, m) < 1 or w % h:
+    raise ValueError(f"{name}: width={w}, depth={d}, num_heads={h}, mlp_width={m} must be "
+                     "positive with width divisible by num_heads")
+  return w, d, h, m
+
+
+def _vit_builder(*, width: int, depth: int, heads: int):
+  def build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
+    n_cls = 1000 if num_classes is None else num_classes
+    shape = _image_shape("ViT", input_shape, (224, 224, 3))
+    patch = int(kw.get("patch_size", 16))
+    if patch < 1 or shape[0] % patch or shape[1] % patch:
+      raise ValueError(f"ViT: images of shape {shape} cannot be cut into patches of "
+                       f"patch_size={patch} (height and width must be multiples of it)")
+    w, d, h, m = _encoder_sizes("ViT", kw, width=width, depth=depth, heads=heads)
+    dense = vit_lib.ViT(num_classes=n_cls, patch_size=patch, width=w, depth=d, num_heads=h,
+                        mlp_width=m, dropout_rate=float(kw.get("dropout_rate", 0.0)))
+    widths = {"width": w, "head_dim": cfg.width(w // h, what="attention head_dim"),
+              "mlp_width": cfg.width(m, what="MLP width"), "patch_size": patch,
+              "num_patches": (shape[0] // patch) * (shape[1] // patch)}
+    return _Built(_encoder_module(dense, cfg), shape, jnp.float32, "classification", n_cls, None,
+                  (r"^patch_embed/", r"^cls_token$", r"^pos_embed$", r"^head/"), widths,
+                  sparse=_ENCODER_SPARSE)
+  return build
+
+
+def _bert_builder(*, width: int, depth: int, heads: int, context: int, vocab: int):
+  def build(cfg: FamilyConfig, num_classes: Optional[int], input_shape, kw: dict) -> _Built:
+    if num_classes is not None:
+      raise ValueError(f"BERT models are masked language models; num_classes={num_classes!r} "
+                       "does not apply (use vocab_size=)")
+    ctx = int(kw.get("context", context))
+    if input_shape is not None:
+      if len(input_shape) != 1 or ("context" in kw and int(input_shape[0]) != ctx):
+        raise ValueError(f"BERT models take token sequences of shape (context,), got "
+                         f"input_shape={tuple(input_shape)} (context={kw.get('context')!r})")
+      ctx = int(input_shape[0])
+    voc = int(kw.get("vocab_size", vocab))
+    if ctx < 1 or voc < 1:
+      raise ValueError(f"context and vocab_size must be positive, got {ctx}, {voc}")
+    w, d, h, m = _encoder_sizes("BERT", kw, width=width, depth=depth, heads=heads)
+    dense = bert_lib.BERT(vocab_size=voc, context=ctx, width=w, depth=d, num_heads=h, mlp_width=m,
+                          dropout_rate=float(kw.get("dropout_rate", 0.1)),
+                          tie_embeddings=bool(kw.get("tie_embeddings", True)))
+    widths = {"width": w, "head_dim": cfg.width(w // h, what="attention head_dim"),
+              "mlp_width": cfg.width(m, what="MLP width")}
+    return _Built(_encoder_module(dense, cfg), (ctx,), jnp.int32, "masked_lm", None, voc,
+                  (r"^embed/", r"^pos_embed$", r"^mlm/"), widths, sparse=_ENCODER_SPARSE,
+                  extra_info={"mask_token_id": voc,
+                              "task_options": {"vocab_size": voc, "mask_token_id": voc}})
   return build
 
 
@@ -349,6 +442,10 @@ class _Entry:
   norm: str = "batch"
 
 
+_ENCODER_KWARGS = ("width", "depth", "num_heads", "mlp_width", "dropout_rate")
+_VIT_KWARGS = ("patch_size",) + _ENCODER_KWARGS
+_BERT_KWARGS = ("context", "vocab_size", "tie_embeddings") + _ENCODER_KWARGS
+
 _MODELS: dict[str, _Entry] = {
     "resnet18_cifar": _Entry(_resnet_builder((2, 2, 2, 2), bottleneck=False, cifar=True,
                                              default_classes=100), True),
@@ -367,6 +464,12 @@ _MODELS: dict[str, _Entry] = {
                        ("context", "vocab_size"), "layer"),
     "gpt_tiny": _Entry(_gpt_builder(depth=2, width=64, heads=4, context=64, vocab=256), False,
                        ("context", "vocab_size"), "layer"),
+    "vit_tiny": _Entry(_vit_builder(width=192, depth=12, heads=3), False, _VIT_KWARGS, "layer"),
+    "vit_small": _Entry(_vit_builder(width=384, depth=12, heads=6), False, _VIT_KWARGS, "layer"),
+    "bert_mini": _Entry(_bert_builder(width=256, depth=4, heads=4, context=512, vocab=30522),
+                        False, _BERT_KWARGS, "layer"),
+    "bert_base": _Entry(_bert_builder(width=768, depth=12, heads=12, context=512, vocab=30522),
+                        False, _BERT_KWARGS, "layer"),
     "mlp_mnist1d": _Entry(_mlp_build, False, ("hidden",)),
     "mlp_nnx": _Entry(_mlp_nnx_build, False, ("hidden",), "layer"),
     "cnn_mnist1d": _Entry(_cnn_build, True, ("channels", "strides", "stem_width")),
@@ -396,13 +499,13 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
     reference: Use the authors' PyTorch rules (ranks, widths, Parallel norms,
       Doped masking of U and V, no re-solve except Sparse Wide's bisection).
     round_to: Round widths and ranks to this multiple (paper rules).
-    num_classes: Classifier outputs (default: the dataset's; not for GPT).
+    num_classes: Classifier outputs (default: the dataset's; not for GPT or BERT).
     input_shape: Per-example shape of the data (no batch dimension); the
       training loop passes the dataset's. ``None``: the model's own default
-      (CIFAR 32x32x3, ImageNet 224x224x3, MNIST-1D 40). The MLP takes any
+      (CIFAR 32x32x3, ImageNet and ViT 224x224x3, MNIST-1D 40). The MLP takes any
       shape (it flattens); the 1-D CNN takes ``(L,)``, ``(L, C)`` or an image
       ``(H, W, C)`` scanned row by row as ``(H*W, C)``; the 2-D convnets take
-      ``(H, W, C)``; GPTs ``(context,)``. The returned ``input_shape`` is the
+      ``(H, W, C)``, so do the ViTs; GPTs and BERTs ``(context,)``. The returned ``input_shape`` is the
       model's view of the data (same number of elements).
     **kw: ``factorized_mid`` (``"linear"``, ``"norm"``, ``"norm_relu"``;
       default ``"norm_relu"`` for convolutional models as in the reference
@@ -413,8 +516,12 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
       plain sum), ``doped_low_rank_init`` (``"step_matched"``, default, or
       ``"template"``: see :class:`sift_jax.transformations.FamilyConfig`) and
       model-specific options:
-      GPT ``context``, ``vocab_size``; ``mlp_mnist1d`` and ``mlp_nnx`` (the
-      same MLP written in Flax NNX, converted to Linen) ``hidden``;
+      GPT ``context``, ``vocab_size``; ViT ``patch_size`` (default 16;
+      the image size is ``input_shape``'s), BERT ``context``, ``vocab_size``,
+      ``tie_embeddings``, and both ``width``, ``depth``, ``num_heads``,
+      ``mlp_width`` (default ``4 * width``), ``dropout_rate`` (ViT 0, BERT
+      0.1) for smaller variants; ``mlp_mnist1d`` and ``mlp_nnx`` (the same
+      MLP written in Flax NNX, converted to Linen) ``hidden``;
       ``cnn_mnist1d`` ``channels``, ``strides``, ``stem_width``.
 
   Returns:
@@ -460,9 +567,10 @@ def get_model(name: str, *, family: str = "dense", sparsity: float = 0.0, refere
   base = entry.build(FamilyConfig(norm=norm, factorized_mid=mid), num_classes, input_shape,
                      kw).module
   dense = built.dense + member.dense_regexes(reference)  # e.g. Sparse Doped's U V (paper)
-  policy = selection.SparsityPolicy(dense=dense)
+  policy = selection.SparsityPolicy(sparse=built.sparse, dense=dense)
   x = jax.ShapeDtypeStruct((1,) + tuple(built.input_shape), built.input_dtype)
-  info: dict[str, Any] = {"widths": dict(built.widths), "factorized_mid": mid}
+  info: dict[str, Any] = {"widths": dict(built.widths), "factorized_mid": mid,
+                          **built.extra_info}
   cache: dict[str, Any] = {}
   method = member.solve_method(reference)
   if not member.transforms:

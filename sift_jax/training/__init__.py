@@ -10,7 +10,8 @@ from sift_jax.training.metrics import MetricsWriter, TrainWindow, read_metrics
 from sift_jax.training.optimizers import (is_sparse_run, make_inner_optimizer, make_optimizer,
                                           make_schedule, weight_decay_mask)
 from sift_jax.training.state import TrainState, make_init_fn
-from sift_jax.training.step import cross_entropy, make_eval_step, make_train_step
+from sift_jax.training.step import (TASKS, MaskedTokens, Task, cross_entropy, get_task,
+                                    make_eval_step, make_train_step, mask_tokens)
 from sift_jax.training.sweep import SweepRun, aggregate, family_grid, format_table, run_sweep
 from sift_jax.training.workdir import WorkdirLock, WorkdirLockedError
 
@@ -23,4 +24,5 @@ __all__ = [
     "state_fingerprint", "train_and_evaluate", "validate_config", "weight_decay_mask",
     "SweepRun", "aggregate", "family_grid", "format_table", "run_sweep",
     "TrainWindow", "VerifiedCheckpointer", "WorkdirLock", "WorkdirLockedError", "state_checksums",
+    "TASKS", "MaskedTokens", "Task", "get_task", "mask_tokens",
 ]

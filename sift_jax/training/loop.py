@@ -76,7 +76,7 @@ from sift_jax.training import state as state_lib
 from sift_jax.training import step as step_lib
 from sift_jax.training import workdir as workdir_lib
 
-__all__ = ["train_and_evaluate", "evaluate", "make_eval_dataset", "training_length",
+__all__ = ["train_and_evaluate", "evaluate", "make_eval_dataset", "training_length", "run_task",
            "NonFiniteLossError", "RunFunctions", "build_run", "clear_compilation_cache"]
 
 _log = logging.getLogger("sift_jax")
@@ -219,14 +219,13 @@ def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, tra
                                 abstract, state_shardings)
   batch_sharding = NamedSharding(mesh, P("data"))
   compute_dtype = jnp.bfloat16 if config.training.compute_dtype == "bfloat16" else jnp.float32
+  task = run_task(spec, train_info, config)
   input_key = "image" if train_info.task == "classification" else "inputs"
-  target_key = "label" if train_info.task == "classification" else "targets"
   train_step = step_lib.make_train_step(
-      spec.module, tx, input_key=input_key, target_key=target_key, learning_rate_fn=schedule,
+      spec.module, tx, task=task, learning_rate_fn=schedule,
       label_smoothing=float(config.training.label_smoothing), compute_dtype=compute_dtype,
       grad_accum_steps=int(config.training.grad_accum_steps), micro_batch_sharding=batch_sharding)
-  eval_step = step_lib.make_eval_step(spec.module, input_key=input_key, target_key=target_key,
-                                      compute_dtype=compute_dtype)
+  eval_step = step_lib.make_eval_step(spec.module, task=task, compute_dtype=compute_dtype)
   funcs = RunFunctions(
       spec=spec, mesh=mesh,
       init=jax.jit(init_fn, out_shardings=state_shardings),
@@ -240,6 +239,30 @@ def build_run(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh, tra
     while len(_CACHE) > _CACHE_SIZE:
       _CACHE.popitem(last=False)
   return funcs
+
+
+def run_task(spec: Any, train_info: Any, config: ml_collections.ConfigDict) -> step_lib.Task:
+  """The objective of a run: the model's task (:data:`sift_jax.training.step.TASKS`).
+
+  A model without a ``task`` attribute (a custom ``get_model``) gets the
+  dataset's (classification or causal LM). The task's options come from
+  ``spec.info["task_options"]`` (a BERT's ``vocab_size`` and
+  ``mask_token_id``).
+
+  Raises:
+    ValueError: an unknown task, or one that does not train on this dataset
+      (a masked-LM model on images), naming the model and the dataset.
+  """
+  name = getattr(spec, "task", None) or train_info.task
+  options = dict((getattr(spec, "info", None) or {}).get("task_options", {}))
+  try:
+    task = step_lib.get_task(name, **options)
+  except ValueError as e:
+    raise ValueError(f"model {config.model.name!r}: {e}") from e
+  if task.data_task != train_info.task:
+    raise ValueError(f"model {config.model.name!r} trains with task {name!r} on {task.data_task!r} "
+                     f"data; dataset {config.dataset.name!r} is a {train_info.task!r} dataset")
+  return task
 
 
 def training_length(config: ml_collections.ConfigDict, train_info) -> tuple[int, int]:
