@@ -97,7 +97,8 @@ def test_hlo_op_counts():
 
 def test_conv_eqns_find_every_convolution():
   module, _ = bench.build_flax(TINY_DENSE)
-  variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  # Abstract variables: tracing needs only shapes.
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   jaxpr = jax.make_jaxpr(lambda v: module.apply(v, jnp.zeros((2, 32, 32, 3))))(variables).jaxpr
   # Stem, 8 blocks x 2 convolutions, 3 projection shortcuts.
   assert len(step_breakdown._conv_eqns(jaxpr)) == 1 + 16 + 3
