@@ -221,6 +221,7 @@ def _is_nnx(module: Any) -> bool:
 def _count_nnx_macs(module: Any, inputs: Sequence[Any], call_kwargs: Mapping[str, Any]) -> MacCount:
   """MACs of ``module(*inputs, **call_kwargs)`` for an NNX module (its state is its variables)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  # nnx.split's overloads type a split by several filters as a variadic tuple.
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
