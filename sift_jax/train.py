@@ -225,14 +225,26 @@ class _OneLineLogs(logging.Filter):
     return True
 
 
+# Background threads (orbax writers) may be inside a hook when the main thread reports a failure;
+# the lock makes "silenced" a point in time: a hook prints before it or not at all, so the
+# error line stays last.
+_BACKGROUND_OUTPUT_LOCK = threading.Lock()
+_BACKGROUND_SILENCED = [False]
+
+
 def _quiet_background_errors() -> None:
   """One line, not a traceback, for errors of background threads (orbax writers)."""
+  def warn(text: str) -> None:
+    with _BACKGROUND_OUTPUT_LOCK:
+      if not _BACKGROUND_SILENCED[0]:
+        print(text, file=sys.stderr, flush=True)
+
   def thread_hook(args):
-    print(f"warning: {args.exc_type.__name__} in thread {getattr(args.thread, 'name', '?')}: "
-          f"{_one_line(args.exc_value)[:300]}", file=sys.stderr)
+    warn(f"warning: {args.exc_type.__name__} in thread {getattr(args.thread, 'name', '?')}: "
+         f"{_one_line(args.exc_value)[:300]}")
 
   def unraisable_hook(args):
-    print(f"warning: {type(args.exc_value).__name__}: {_one_line(args.exc_value)[:300]}", file=sys.stderr)
+    warn(f"warning: {type(args.exc_value).__name__}: {_one_line(args.exc_value)[:300]}")
 
   threading.excepthook = thread_hook
   sys.unraisablehook = unraisable_hook
@@ -241,6 +253,8 @@ def _quiet_background_errors() -> None:
 def _silence_background_errors() -> None:
   """After a failure: no more output from other libraries' threads and logs (orbax writers
   failing on the same full disk, or at interpreter shutdown), so the error line comes last."""
+  with _BACKGROUND_OUTPUT_LOCK:  # waits for a hook that is printing now
+    _BACKGROUND_SILENCED[0] = True
   threading.excepthook = lambda args: None
   sys.unraisablehook = lambda args: None
   logging.disable(logging.CRITICAL)
