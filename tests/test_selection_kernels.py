@@ -295,3 +295,36 @@ def test_transformed_scanned_model_detects_its_stacked_leaves(scanned):
   assert not decided["blocks/fc/V/bias"].sparse and not decided["inp/kernel"].sparse
   # Without inputs only the user's rules carry over: the base model's exact paths.
   assert sift.sparsity_policy().stacked == policy.stacked
+
+
+class _MlpLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.relu(nn.Dense(2 * D, name="fc1")(nn.LayerNorm(name="ln")(x)))
+    return x + nn.Dense(D, name="fc2")(h), None
+
+
+class _ScannedResidualMLP(nn.Module):
+  """inp -> 3 scanned residual MLP layers (fc1 may widen, fc2 writes the stream) -> head."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(D, name="inp")(x)
+    blocks = nn.scan(_MlpLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=LAYERS)
+    x, _ = blocks(name="blocks")(x, None)
+    return nn.Dense(2, name="head")(x)
+
+
+def test_detect_stacked_on_a_sparse_wide_scanned_model():
+  # The Sparse Wide plan traces the scan body at the original widths too (its probes): the
+  # slice is the seen shape that ends the final one, not the first one seen.
+  sift = sift_jax.transform(_ScannedResidualMLP(), family="sparse_wide", sparsity=0.5)
+  params = jax.eval_shape(sift.init, jax.random.key(0), jnp.ones((1, 4)))["params"]
+  assert params["blocks"]["fc1"]["kernel"].shape == (LAYERS, D, 23)  # round(16 * sqrt 2)
+  assert params["blocks"]["fc2"]["kernel"].shape == (LAYERS, 23, D)
+  layer_leaves = ("fc1/bias", "fc1/kernel", "fc2/bias", "fc2/kernel", "ln/bias", "ln/scale")
+  assert sift_jax.detect_stacked(sift, X) == {f"blocks/{p}": 1 for p in layer_leaves}
+  decided = {d.path: d for d in M.explain_selection(params, sift.sparsity_policy(X))}
+  assert decided["blocks/fc1/kernel"].sparse and decided["blocks/fc1/kernel"].stacked == 1
+  assert not decided["blocks/fc1/bias"].sparse

@@ -389,7 +389,10 @@ def detect_stacked(model: Any, *example_inputs: Any, method: Any = None,
   """
   import flax.linen as nn  # Linen only here: the masks package itself does not need flax
 
-  seen: dict[str, tuple[int, ...]] = {}
+  # Every shape a path is seen with: the lifted wrapper sees the whole stack, the layer in
+  # the body one slice, and a model that traces itself more than once (the Sparse Wide
+  # plan's probes at other widths) may show a layer at shapes the final tree does not have.
+  seen: dict[str, set[tuple[int, ...]]] = {}
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
@@ -399,9 +402,7 @@ def detect_stacked(model: Any, *example_inputs: Any, method: Any = None,
     own = module.variables.get("params", {})
     for kp, leaf in jax.tree_util.tree_flatten_with_path(own)[0]:
       path = "/".join(list(module.path) + [tree_paths.path_str(kp)])
-      shape = tuple(np.shape(leaf))
-      if path not in seen or len(shape) < len(seen[path]):
-        seen[path] = shape
+      seen.setdefault(path, set()).add(tuple(np.shape(leaf)))
     return out
 
   def init(*inputs):
@@ -413,13 +414,15 @@ def detect_stacked(model: Any, *example_inputs: Any, method: Any = None,
   for kp, leaf in jax.tree_util.tree_flatten_with_path(variables.get("params", {}))[0]:
     path = tree_paths.path_str(kp)
     full = tuple(np.shape(leaf))
-    inner = seen.get(path, full)
-    n = len(full) - len(inner)
-    if n <= 0:
-      continue
-    if full[n:] != inner:
+    shapes = seen.get(path, {full})
+    # The slice is the shortest seen shape that ends the full one (leading stack axes).
+    n = max((len(full) - len(s) for s in shapes if full[len(full) - len(s):] == s), default=0)
+    shorter = [s for s in shapes if len(s) < len(full) - n]
+    if shorter and n == 0:
+      inner = min(shorter, key=len)
       raise ValueError(f"detect_stacked: parameter {path!r} has shape {full} but its layer "
                        f"creates {inner}; only leading stack axes are supported (nn.scan/nn.vmap "
                        "with variable_axes={'params': 0})")
-    out[path] = n
+    if n > 0:
+      out[path] = n
   return out
