@@ -31,8 +31,7 @@ from sift_jax.models import mobilenet as mobilenet_lib
 from sift_jax.models import resnet as resnet_lib
 from sift_jax.models import vit as vit_lib
 from sift_jax.transformations import isoflop, members
-from sift_jax.transformations.transform import TransformedModel
-from sift_jax.transformations.transform import _ModelRef  # pylint: disable=protected-access
+from sift_jax.transformations.transform import transform_with_config
 from sift_jax.transformations.family import FamilyConfig
 
 __all__ = ["ModelSpec", "get_model", "list_models", "describe_transformed"]
@@ -275,10 +274,9 @@ def _encoder_module(dense_model: nn.Module, cfg: FamilyConfig) -> nn.Module:
   """
   if not cfg.member.transforms:
     return dense_model
-  return TransformedModel(
-      wrapped=_ModelRef(dense_model.clone(parent=None)),
-      config=cfg, policy=selection.SparsityPolicy(sparse=_ENCODER_SPARSE),
-      output_layers=_ENCODER_OUTPUT_LAYERS)
+  return transform_with_config(dense_model, cfg,
+                               policy=selection.SparsityPolicy(sparse=_ENCODER_SPARSE),
+                               output_layers=_ENCODER_OUTPUT_LAYERS)
 
 
 def _encoder_sizes(name: str, kw: dict, *, width: int, depth: int, heads: int

@@ -18,7 +18,8 @@ from sift_jax.transformations.sizes import (FAMILIES, MEMBERS, check_family, che
                                             sparse_wide_factor, sparse_wide_width)
 from sift_jax.transformations.nnx_bridge import (NNX_LAYERS, NnxAsLinen, NotAModuleError,
                                                  TransformedNnxModel, as_linen, transform_nnx)
-from sift_jax.transformations.transform import TransformedModel, transform, transformed_policy
+from sift_jax.transformations.transform import (TransformedModel, transform, transform_with_config,
+                                                transformed_policy)
 from sift_jax.transformations.wide_analysis import (WideAnalysisError, WidePlan,
                                                     exact_output_layers, plan_sparse_wide)
 
@@ -32,7 +33,7 @@ __all__ = [
     "check_family", "check_round_to", "layer_dims", "layer_kind", "reference_bisection",
     "round_to_multiple", "solve_sparsity", "sparse_doped_rank", "sparse_factorized_rank",
     "sparse_parallel_branches", "sparse_wide_factor", "sparse_wide_width", "template_dims",
-    "transform", "transformed_policy", "widen",
+    "transform", "transform_with_config", "transformed_policy", "widen",
     "NNX_LAYERS", "NnxAsLinen", "NotAModuleError", "TransformedNnxModel", "as_linen", "transform_nnx",
     "WideAnalysisError", "WidePlan", "exact_output_layers", "plan_sparse_wide",
 ]

@@ -72,7 +72,7 @@ from sift_jax.transformations import nnx_bridge
 from sift_jax.transformations import wide_analysis
 from sift_jax.transformations.family import FamilyConfig
 
-__all__ = ["transform", "TransformedModel", "transformed_policy"]
+__all__ = ["transform", "transform_with_config", "TransformedModel", "transformed_policy"]
 
 
 class _State(threading.local):
@@ -699,6 +699,20 @@ def transform(model: Any, *, family: str, sparsity: float,
   config = FamilyConfig(family=family, sparsity=sparsity, reference=reference, round_to=round_to,
                         factorized_mid=factorized_mid, norm="layer", parallel_norm=parallel_norm,
                         parallel_activation=parallel_activation)
+  return transform_with_config(model, config, policy=policy, layers=layers,
+                               output_layers=output_layers)
+
+
+def transform_with_config(model: nn.Module, config: FamilyConfig, *,
+                          policy: Optional[selection.SparsityPolicy] = None,
+                          layers: Optional[Sequence[str]] = None,
+                          output_layers: Optional[Sequence[str]] = None) -> TransformedModel:
+  """:func:`transform` of a Linen model under a ready :class:`FamilyConfig`.
+
+  For callers that already hold the member's full configuration (the model
+  registry, whose configs also set the norm and the Doped low-rank init);
+  ``policy``, ``layers`` and ``output_layers`` are as in :func:`transform`.
+  """
   layers = (layers,) if isinstance(layers, str) else layers
   output_layers = (output_layers,) if isinstance(output_layers, str) else output_layers
   for name, pats in (("layers", layers), ("output_layers", output_layers)):
